@@ -1,0 +1,4 @@
+"""python -m dlmnumba"""
+from .cli import main
+
+main(prog_name="dlmnumba")

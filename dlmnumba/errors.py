@@ -1,0 +1,13 @@
+"""Exception types a user can meet; the CLI prints them in one line without a traceback."""
+
+
+class DlmError(Exception):
+    """Base class for errors caused by user input (files, configs, requests)."""
+
+
+class ModelFormatError(DlmError):
+    """A model file is not a usable BitNet GGUF; the message names the file and what was expected."""
+
+
+class ConfigError(DlmError):
+    """A configuration value is unknown, of the wrong type, or out of range."""

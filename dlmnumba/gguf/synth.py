@@ -1,0 +1,132 @@
+"""Synthetic BitNet GGUF models: real shapes, random ternary weights, a real BPE vocabulary.
+
+Used as the default benchmark model (the `bitnet-2b4t` preset has BitNet b1.58 2B-4T's shapes)
+and as test fixtures.  Weights are random, so text generated from them is noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import quants
+from .spec import ARCH_ACTIVATION
+
+I2_S_TYPE = 36
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Shapes of a synthetic model."""
+
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx: int = 4096
+    rope_base: float = 500000.0
+    rms_eps: float = 1e-5
+
+
+PRESETS = {
+    # dims are multiples of 256 so TQ1_0/TQ2_0 rows fit whole blocks (llama.cpp requires it)
+    "tiny": Preset(n_vocab=1024, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=768,
+                   n_ctx=2048),
+    "small": Preset(n_vocab=4096, n_embd=512, n_layer=4, n_head=8, n_head_kv=2, n_ff=1536),
+    # BitNet b1.58 2B-4T (reference.md section 1) with the DLM fine-tunes' extra |<MASK>| token
+    "bitnet-2b4t": Preset(n_vocab=128257, n_embd=2560, n_layer=30, n_head=20, n_head_kv=5,
+                          n_ff=6912),
+}
+QTYPES = {"TQ1_0": 34, "TQ2_0": 35, "I2_S": I2_S_TYPE}
+
+
+def layer_tensors(p: Preset, i: int) -> list[tuple[str, int, int]]:
+    """(name, rows, cols) of block i's ternary projections, in llama.cpp's order."""
+    kv = p.n_embd // p.n_head * p.n_head_kv
+    return [(f"blk.{i}.attn_q.weight", p.n_embd, p.n_embd),
+            (f"blk.{i}.attn_k.weight", kv, p.n_embd),
+            (f"blk.{i}.attn_v.weight", kv, p.n_embd),
+            (f"blk.{i}.attn_output.weight", p.n_embd, p.n_embd),
+            (f"blk.{i}.ffn_gate.weight", p.n_ff, p.n_embd),
+            (f"blk.{i}.ffn_up.weight", p.n_ff, p.n_embd),
+            (f"blk.{i}.ffn_down.weight", p.n_embd, p.n_ff)]
+
+
+def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "TQ2_0",
+                    arch: str = "bitnet-b1.58", seed: int = 0, progress: bool = False) -> Path:
+    """Write a synthetic model; the same arguments always give the same bytes."""
+    import gguf
+
+    from .vocab import add_tokenizer_metadata, build_synth_vocab
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    if qtype not in QTYPES:
+        raise ValueError(f"unknown qtype {qtype!r}; expected one of {', '.join(QTYPES)}")
+    if arch not in ARCH_ACTIVATION:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCH_ACTIVATION)}")
+    p, qt = PRESETS[preset], QTYPES[qtype]
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    vocab = build_synth_vocab(p.n_vocab)
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"dlmnumba synthetic {preset} ({qtype}, random weights, seed {seed})")
+    w.add_context_length(p.n_ctx)
+    w.add_embedding_length(p.n_embd)
+    w.add_block_count(p.n_layer)
+    w.add_feed_forward_length(p.n_ff)
+    w.add_head_count(p.n_head)
+    w.add_head_count_kv(p.n_head_kv)
+    w.add_rope_freq_base(p.rope_base)
+    w.add_rope_dimension_count(p.n_embd // p.n_head)
+    w.add_layer_norm_rms_eps(p.rms_eps)
+    w.add_vocab_size(p.n_vocab)
+    w.add_bool("diffusion.shift_logits", True)
+    add_tokenizer_metadata(w, vocab)
+
+    # embeddings ~ N(0, 4/E) so tied-head logits have unit-order spread
+    embd = (rng.standard_normal((p.n_vocab, p.n_embd), dtype=np.float32)
+            * np.float32(2.0 / np.sqrt(p.n_embd))).astype(np.float16)
+    w.add_tensor("token_embd.weight", embd)
+    w.add_tensor("output_norm.weight", _norm(rng, p.n_embd))
+    for i in range(p.n_layer):
+        mats = layer_tensors(p, i)
+        for name, rows, cols in mats:
+            _add_ternary(w, rng, name, rows, cols, qt)
+        w.add_tensor(f"blk.{i}.attn_norm.weight", _norm(rng, p.n_embd))
+        w.add_tensor(f"blk.{i}.attn_sub_norm.weight", _norm(rng, p.n_embd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", _norm(rng, p.n_embd))
+        w.add_tensor(f"blk.{i}.ffn_sub_norm.weight", _norm(rng, p.n_ff))
+
+    tmp = path.with_name(path.name + ".part")  # never leave a half-written model under `path`
+    w.path = tmp
+    w.write_header_to_file(path=tmp)
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=progress)
+    w.close()
+    tmp.replace(path)
+    return path
+
+
+def _norm(rng: np.random.Generator, n: int) -> np.ndarray:
+    return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _add_ternary(w, rng: np.random.Generator, name: str, rows: int, cols: int, qt: int) -> None:
+    """Random ternary codes (a third each of -1, 0, +1) and one scale for the whole tensor."""
+    codes = rng.integers(0, 3, size=(rows, cols), dtype=np.uint8)
+    # scale so a unit-RMS input gives a unit-RMS output: var = cols * 2/3 * scale^2
+    scale = np.float32(np.sqrt(1.5 / cols))
+    if qt == I2_S_TYPE:
+        raw = quants.encode_ternary(qt, codes, np.full((rows, 1), scale, np.float32))
+        w.add_tensor(name, raw.view(np.int8), raw_shape=(rows, cols))
+        w.tensors[-1][name].dtype = I2_S_TYPE  # the gguf package has no I2_S: set the type id
+    else:
+        import gguf
+        scale = np.float32(np.float16(scale))  # TQ stores d as f16
+        raw = quants.encode_ternary(qt, codes, np.full((rows, cols // 256), scale, np.float32))
+        w.add_tensor(name, raw.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType(qt))

@@ -1,0 +1,169 @@
+"""The BitNet b1.58 transformer: load a GGUF file, run a batch of tokens against a KV cache."""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numba
+import numpy as np
+
+from ..errors import ModelFormatError
+from ..gguf.reader import GGUFFile
+from ..gguf.spec import ModelSpec
+from ..kernels import attention as attn_k
+from ..kernels import ops
+from ..kernels.cpu import set_threads
+from ..kernels.ternary import padded_k, ternary_matmul_kernel
+from .kv_cache import KVCache
+from .weights import Ternary, Weights, load_weights
+
+ATTENTION_MODES = ("causal", "block")
+
+
+class Model:
+    """A loaded BitNet model: spec, tokenizer, packed weights, and the forward pass."""
+
+    def __init__(self, path: str, threads: int | None = None, progress: bool = False):
+        t0 = time.perf_counter()
+        self.path = str(path)
+        self.file = GGUFFile(self.path)
+        self.spec = ModelSpec.from_metadata(self.file.metadata, self.path)
+        self._tokenizer = None
+        self.threads = set_threads(threads)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.spec.n_layer, desc="Loading layers", unit="layer", leave=False)
+        try:
+            self.weights: Weights = load_weights(self.file, self.spec, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def tokenizer(self):
+        """The tokenizer the GGUF file carries (built on first use)."""
+        if self._tokenizer is None:
+            from ..gguf.tokenizer import Tokenizer
+            if "tokenizer.ggml.tokens" not in self.file.metadata:
+                raise ModelFormatError(f"{self.path}: the file carries no tokenizer "
+                                       "('tokenizer.ggml.tokens' is missing)")
+            self._tokenizer = Tokenizer.from_metadata(self.file.metadata, self.path)
+        return self._tokenizer
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        """An empty KV cache for one sequence."""
+        return KVCache(self.spec, capacity)
+
+    def forward(self, tokens: Sequence[int], positions: Sequence[int] | None, cache: KVCache,
+                attention: str = "causal", block_size: int | None = None,
+                rows: Sequence[int] | slice | None = None) -> np.ndarray:
+        """Run tokens at positions against the cache, append their K/V, return logits of `rows`.
+
+        positions default to cache.length.. (a contiguous continuation).  attention 'causal' or
+        'block' (bidirectional inside blocks of block_size aligned at absolute positions, causal
+        across).  rows selects which batch rows get logits (default all): float32 [R, n_vocab].
+        """
+        h = self.forward_hidden(tokens, positions, cache, attention, block_size, rows)
+        out = np.empty((h.shape[0], self.weights.output.n_rows), np.float32)
+        self.weights.output.project(out, h)
+        return out
+
+    def forward_hidden(self, tokens, positions, cache, attention="causal", block_size=None,
+                       rows=None) -> np.ndarray:
+        """Like forward() but returns the final-normed hidden states [R, n_embd] of `rows`."""
+        s, w = self.spec, self.weights
+        ids = self._check_tokens(tokens)
+        m = len(ids)
+        pos = (np.arange(cache.length, cache.length + m, dtype=np.int32) if positions is None
+               else np.asarray(positions, dtype=np.int32))
+        if pos.shape != (m,):
+            raise ValueError(f"positions has shape {pos.shape}, expected ({m},)")
+        block = self._block_arg(attention, block_size)
+        numba.set_num_threads(self.threads)
+
+        cache.reserve(m)
+        first = cache.length
+        cache.pos[first:first + m] = pos
+        n_keys = first + m
+        cos, sin = ops.rope_tables(pos, s.n_rot, s.rope_base)
+        scale = np.float32(1.0 / np.sqrt(s.head_dim))
+        e, ekv, hd = s.n_embd, s.n_embd_kv, s.head_dim
+
+        x = w.token_embd.lookup(ids)
+        a = np.empty((m, e), np.float32)
+        q_e = np.empty((m, padded_k(e)), np.int16)
+        q_f = np.empty((m, padded_k(s.n_ff)), np.int16)
+        xs = np.empty(m, np.float32)
+        qkv = np.empty((m, e + 2 * ekv), np.float32)
+        att = np.empty((m, s.n_head, hd), np.float32)
+        proj = np.empty((m, e), np.float32)
+        gu = np.empty((m, 2 * s.n_ff), np.float32)
+        g = np.empty((m, s.n_ff), np.float32)
+        act = ops.relu2_mul if s.activation == "relu2" else ops.silu_mul
+
+        for li, L in enumerate(w.layers):
+            # attention: norm -> int8 -> q,k,v -> rope -> cache -> attend -> sub-norm -> Wo
+            ops.rmsnorm(a, x, L.attn_norm, s.rms_eps)
+            _bitlinear(qkv, a, q_e, xs, L.qkv)
+            q = np.ascontiguousarray(qkv[:, :e].reshape(m, s.n_head, hd))
+            k = np.ascontiguousarray(qkv[:, e:e + ekv].reshape(m, s.n_head_kv, hd))
+            ops.rope_neox(q, cos, sin)
+            ops.rope_neox(k, cos, sin)
+            cache.k[li, :, first:n_keys] = k.transpose(1, 0, 2)
+            cache.v[li, :, first:n_keys] = qkv[:, e + ekv:].reshape(m, s.n_head_kv, hd).transpose(1, 0, 2)
+            attn_k.attention(att, q, cache.k[li], cache.v[li], cache.pos, n_keys, pos, block, scale)
+            ops.rmsnorm(a, att.reshape(m, e), L.attn_sub_norm, s.rms_eps)
+            _bitlinear(proj, a, q_e, xs, L.o)
+            ops.add_inplace(x, proj)
+            # feed-forward: norm -> int8 -> gate,up -> act(gate)*up -> sub-norm -> Wdown
+            ops.rmsnorm(a, x, L.ffn_norm, s.rms_eps)
+            _bitlinear(gu, a, q_e, xs, L.gate_up)
+            act(g, gu, s.n_ff)
+            ops.rmsnorm(g, g, L.ffn_sub_norm, s.rms_eps)
+            _bitlinear(proj, g, q_f, xs, L.down)
+            ops.add_inplace(x, proj)
+        cache.length = n_keys
+
+        sel = x if rows is None else np.ascontiguousarray(x[rows])
+        out = np.empty_like(sel)
+        ops.rmsnorm(out, sel, w.output_norm, s.rms_eps)
+        return out
+
+    def logits(self, token_ids: Sequence[int], attention: str = "causal",
+               block_size: int | None = None) -> np.ndarray:
+        """Logits [len(token_ids), n_vocab] float32 of a fresh sequence starting at position 0."""
+        cache = self.new_cache(max(1, len(token_ids)))
+        return self.forward(token_ids, None, cache, attention, block_size)
+
+    def _check_tokens(self, tokens) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("no tokens to evaluate")
+        n = self.weights.token_embd.n_rows
+        bad = ids[(ids < 0) | (ids >= n)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{n - 1})")
+        return ids
+
+    @staticmethod
+    def _block_arg(attention: str, block_size: int | None) -> int:
+        if attention == "causal":
+            return attn_k.CAUSAL
+        if attention == "block":
+            if block_size is None or int(block_size) < 1:
+                raise ValueError(f"attention 'block' needs a positive block_size, got {block_size}")
+            return int(block_size)
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+
+
+def _bitlinear(out: np.ndarray, x: np.ndarray, q: np.ndarray, xs: np.ndarray, w: Ternary) -> None:
+    """out = W x with x quantized per row to int8 (BitNet's BitLinear)."""
+    ops.quantize_rows(q, xs, x)
+    ternary_matmul_kernel(out, q, xs, w.packed, w.scales, w.group)
+
+
+def load_model(path: str, threads: int | None = None, progress: bool = False) -> Model:
+    """Load a BitNet GGUF model (TQ1_0, TQ2_0 or I2_S ternary weights)."""
+    return Model(path, threads=threads, progress=progress)

@@ -1,0 +1,237 @@
+"""Model weights in kernel layout, loaded from a GGUF file through one name table.
+
+Ternary projections stay 2-bit packed (kernels/ternary.py layout); projections that share an
+input are fused row-wise (q|k|v and gate|up) since every row carries its own scale.  The token
+embedding stays a zero-copy view of the memory-mapped file in its stored type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from ..gguf import quants
+from ..gguf.reader import GGUFFile
+from ..gguf.spec import ModelSpec
+from ..kernels.ternary import pack_codes, padded_k
+
+TQ_GROUP = 256  # weights per TQ1_0/TQ2_0 block, each with its own f16 scale
+
+# GGML type ids the embedding / LM head may use
+F32, F16, Q8_0, Q6_K, BF16 = 0, 1, 8, 14, 30
+EMBED_TYPES = {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q6_K: "Q6_K"}
+NORM_TYPES = {F32: "F32", F16: "F16", BF16: "BF16"}
+
+# our field -> GGUF tensor name pattern, its row count and input width (from the spec)
+TERNARY = {
+    "q": ("blk.{i}.attn_q", lambda s: s.n_embd, lambda s: s.n_embd),
+    "k": ("blk.{i}.attn_k", lambda s: s.n_embd_kv, lambda s: s.n_embd),
+    "v": ("blk.{i}.attn_v", lambda s: s.n_embd_kv, lambda s: s.n_embd),
+    "o": ("blk.{i}.attn_output", lambda s: s.n_embd, lambda s: s.n_embd),
+    "gate": ("blk.{i}.ffn_gate", lambda s: s.n_ff, lambda s: s.n_embd),
+    "up": ("blk.{i}.ffn_up", lambda s: s.n_ff, lambda s: s.n_embd),
+    "down": ("blk.{i}.ffn_down", lambda s: s.n_embd, lambda s: s.n_ff),
+}
+NORMS = {
+    "attn_norm": ("blk.{i}.attn_norm.weight", lambda s: s.n_embd),
+    "attn_sub_norm": ("blk.{i}.attn_sub_norm.weight", lambda s: s.n_embd),
+    "ffn_norm": ("blk.{i}.ffn_norm.weight", lambda s: s.n_embd),
+    "ffn_sub_norm": ("blk.{i}.ffn_sub_norm.weight", lambda s: s.n_ff),
+}
+
+
+class Ternary(NamedTuple):
+    """A ternary matrix W[n_out, k] in kernel layout."""
+
+    packed: np.ndarray  # uint8 [n_out, padded_k / 4]
+    scales: np.ndarray  # float32 [n_out, G]: scale per group of `group` weights of a row
+    group: int  # weights per scale group (padded_k when G == 1)
+    k: int  # logical input width
+
+
+class Layer(NamedTuple):
+    """One transformer block's weights."""
+
+    attn_norm: np.ndarray
+    qkv: Ternary  # rows: q (n_embd) | k (n_embd_kv) | v (n_embd_kv)
+    attn_sub_norm: np.ndarray
+    o: Ternary
+    ffn_norm: np.ndarray
+    gate_up: Ternary  # rows: gate (n_ff) | up (n_ff)
+    ffn_sub_norm: np.ndarray
+    down: Ternary
+
+
+class Embedding:
+    """Token embedding / LM head kept in its stored type; rows converted to float32 on use."""
+
+    CHUNK_ROWS = 8192  # rows converted per step of the LM-head product
+
+    def __init__(self, raw: np.ndarray, qtype: int, n_rows: int, n_cols: int, name: str):
+        self.raw, self.qtype, self.n_rows, self.n_cols, self.name = raw, qtype, n_rows, n_cols, name
+        self.row_bytes = raw.nbytes // n_rows
+
+    def rows_f32(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float32 [stop-start, n_cols]."""
+        chunk = self.raw[start * self.row_bytes: stop * self.row_bytes]
+        if self.qtype == F32:
+            return chunk.view(np.float32).reshape(stop - start, self.n_cols)
+        if self.qtype == F16:
+            return chunk.view(np.float16).reshape(stop - start, self.n_cols).astype(np.float32)
+        if self.qtype == BF16:
+            u = chunk.view(np.uint16).astype(np.uint32) << 16
+            return u.view(np.float32).reshape(stop - start, self.n_cols)
+        from gguf import GGMLQuantizationType, quants as gq  # Q8_0 / Q6_K: the gguf package decodes
+        flat = gq.dequantize(chunk.reshape(stop - start, self.row_bytes),
+                             GGMLQuantizationType(self.qtype))
+        return flat.reshape(stop - start, self.n_cols).astype(np.float32)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Embedding rows of the given token ids, float32 [len(ids), n_cols]."""
+        return np.stack([self.rows_f32(int(i), int(i) + 1)[0] for i in ids]) if len(ids) else \
+            np.zeros((0, self.n_cols), np.float32)
+
+    def project(self, out: np.ndarray, h: np.ndarray) -> None:
+        """out[M, n_rows] = h[M, n_cols] @ E^T, converting CHUNK_ROWS rows at a time."""
+        for start in range(0, self.n_rows, self.CHUNK_ROWS):
+            stop = min(self.n_rows, start + self.CHUNK_ROWS)
+            np.matmul(h, self.rows_f32(start, stop).T, out=out[:, start:stop])
+
+
+@dataclass
+class Weights:
+    """All weights of a BitNet model."""
+
+    token_embd: Embedding
+    output: Embedding  # token_embd itself when the LM head is tied
+    output_norm: np.ndarray
+    layers: list[Layer]
+    tied: bool
+
+
+def load_weights(f: GGUFFile, spec: ModelSpec, progress=None) -> Weights:
+    """Load and repack every weight; all missing/unexpected tensors reported at once."""
+    names = set(f.tensors)
+    expected = {"token_embd.weight", "output_norm.weight"}
+    optional = {"output.weight"}
+    for i in range(spec.n_layer):
+        expected |= {pat.format(i=i) + ".weight" for pat, _, _ in TERNARY.values()}
+        optional |= {pat.format(i=i) + ".scale" for pat, _, _ in TERNARY.values()}
+        expected |= {pat.format(i=i) for pat, _ in NORMS.values()}
+    missing = sorted(expected - names)
+    unexpected = sorted(names - expected - optional - {"rope_freqs.weight"})
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:12])}"
+                         + (f" (+{len(missing) - 12} more)" if len(missing) > 12 else ""))
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected[:12])}"
+                         + (f" (+{len(unexpected) - 12} more)" if len(unexpected) > 12 else ""))
+        raise ModelFormatError(f"{f.path}: " + "; ".join(parts)
+                               + f" (expected a {spec.arch} model with {spec.n_layer} layers)")
+
+    token_embd = _embedding(f, "token_embd.weight", spec.n_vocab or None, spec.n_embd)
+    if spec.n_vocab and token_embd.n_rows != spec.n_vocab:
+        raise ModelFormatError(f"{f.path}: tensor 'token_embd.weight' has {token_embd.n_rows} rows, "
+                               f"expected {spec.n_vocab} (the vocabulary size)")
+    tied = "output.weight" not in names
+    output = token_embd if tied else _embedding(f, "output.weight", token_embd.n_rows, spec.n_embd)
+    layers = []
+    for i in range(spec.n_layer):
+        t = {key: _ternary(f, pat.format(i=i), rows(spec), cols(spec))
+             for key, (pat, rows, cols) in TERNARY.items()}
+        norms = {key: _vector(f, pat.format(i=i), n(spec)) for key, (pat, n) in NORMS.items()}
+        layers.append(Layer(qkv=_fuse([t["q"], t["k"], t["v"]]), o=t["o"],
+                            gate_up=_fuse([t["gate"], t["up"]]), down=t["down"], **norms))
+        if progress is not None:
+            progress.update(1)
+    return Weights(token_embd=token_embd, output=output,
+                   output_norm=_vector(f, "output_norm.weight", spec.n_embd),
+                   layers=layers, tied=tied)
+
+
+def _expect_shape(f: GGUFFile, name: str, shape: tuple[int, ...]) -> None:
+    got = tuple(f.tensors[name].shape)
+    if got != shape:
+        raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(got)}, expected "
+                               f"{list(shape)} from the metadata")
+
+
+def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
+    info = f.tensors[name]
+    if info.qtype not in NORM_TYPES:
+        raise ModelFormatError(f"{f.path}: tensor '{name}' has type {_type_name(info.qtype)}, "
+                               f"expected one of {', '.join(NORM_TYPES.values())}")
+    if int(np.prod(info.shape)) != n:
+        raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(info.shape)}, "
+                               f"expected [{n}] from the metadata")
+    return Embedding(f.data(name), info.qtype, 1, n, name).rows_f32(0, 1)[0].copy()
+
+
+def _embedding(f: GGUFFile, name: str, n_rows: int | None, n_cols: int) -> Embedding:
+    info = f.tensors[name]
+    if info.qtype not in EMBED_TYPES:
+        raise ModelFormatError(f"{f.path}: tensor '{name}' has type {_type_name(info.qtype)}, "
+                               f"expected one of {', '.join(EMBED_TYPES.values())}")
+    if len(info.shape) != 2 or info.shape[1] != n_cols or (n_rows and info.shape[0] != n_rows):
+        want = [n_rows if n_rows else "n_vocab", n_cols]
+        raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(info.shape)}, "
+                               f"expected {want} from the metadata")
+    return Embedding(f.data(name), info.qtype, info.shape[0], n_cols, name)
+
+
+def _ternary(f: GGUFFile, base: str, n_out: int, k: int) -> Ternary:
+    name = base + ".weight"
+    info = f.tensors[name]
+    if info.qtype not in quants.TERNARY_TYPES:
+        raise ModelFormatError(
+            f"{f.path}: tensor '{name}' has type {_type_name(info.qtype)}, expected a ternary "
+            f"type ({', '.join(fmt.name for fmt in quants.TERNARY_TYPES.values())})")
+    _expect_shape(f, name, (n_out, k))
+    try:
+        codes, scales = quants.decode_ternary(info.qtype, f.data(name), (n_out, k))
+    except ValueError as e:
+        raise ModelFormatError(f"{f.path}: tensor '{name}': {e}") from None
+    scales = _collapse_scales(codes, scales)
+    if base + ".scale" in f.tensors:
+        extra = Embedding(f.data(base + ".scale"), f.tensors[base + ".scale"].qtype, 1, 1,
+                          base + ".scale").rows_f32(0, 1)[0, 0]
+        scales = scales * np.float32(extra)
+    kp = padded_k(k)
+    group = kp if scales.shape[1] == 1 else TQ_GROUP
+    return Ternary(pack_codes(codes), np.ascontiguousarray(scales, np.float32), group, k)
+
+
+def _collapse_scales(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """One scale per row when every group holding a nonzero weight shares it (BitNet's case)."""
+    if scales.shape[1] == 1:
+        return scales
+    n, g = scales.shape
+    used = (codes.reshape(n, g, -1) != 1).any(axis=2)
+    row = np.max(np.where(used, scales, -np.inf), axis=1)  # -inf: a row of zero weights
+    same = np.all(~used | (scales == row[:, None]), axis=1)
+    if same.all():
+        return np.where(np.isfinite(row), row, 0.0).astype(np.float32)[:, None]
+    return scales
+
+
+def _fuse(parts: list[Ternary]) -> Ternary:
+    """Stack matrices sharing an input into one (rows concatenated, scales aligned)."""
+    if len({p.group for p in parts}) > 1:
+        parts = [p._replace(scales=np.repeat(p.scales, p.group // TQ_GROUP, axis=1), group=TQ_GROUP)
+                 if p.scales.shape[1] == 1 else p for p in parts]
+    return Ternary(np.concatenate([p.packed for p in parts]),
+                   np.concatenate([p.scales for p in parts]), parts[0].group, parts[0].k)
+
+
+def _type_name(qtype: int) -> str:
+    if qtype in quants.TERNARY_TYPES:
+        return quants.TERNARY_TYPES[qtype].name
+    try:
+        from gguf import GGMLQuantizationType
+        return GGMLQuantizationType(qtype).name
+    except ValueError:
+        return f"type {qtype}"
