@@ -69,7 +69,7 @@ def _tq1_0_unpack(codes, raw):
             for m in range(4):  # qh[0:4] -> elements 240 + n*4 + m, 4 trits per byte
                 b = np.int64(raw[r, src + TQ1_0_QS_BYTES + m])
                 for n in range(4):
-                    codes[r, dst + 240 + m * 4 + n] = _trit(b, n)
+                    codes[r, dst + 240 + n * 4 + m] = _trit(b, n)
     return 0
 
 

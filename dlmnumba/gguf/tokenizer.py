@@ -49,7 +49,7 @@ class PreTokenizerSpec:
     add_bos: bool  # default for `tokenizer.ggml.add_bos_token` when the key is absent
 
 
-_LLAMA3 = PreTokenizerSpec((LLAMA3_REGEX,), ignore_merges=True, add_bos=True)
+_LLAMA3 = PreTokenizerSpec((LLAMA3_REGEX,), ignore_merges=False, add_bos=True)
 _GPT2 = PreTokenizerSpec((GPT2_REGEX,), ignore_merges=False, add_bos=False)
 PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "llama-bpe": _LLAMA3,
@@ -70,12 +70,15 @@ EOG_TEXTS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|endoftext|>", "<|
              "<|end|>", "<end_of_turn>")
 EOT_TEXT = "<|eot_id|>"
 
-# Token types shown as raw text, never byte-level decoded (llama.cpp token_to_piece for BPE).
-_RAW_TYPES = frozenset({TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNUSED,
-                        TokenType.UNKNOWN})
+# How tokens print, as in llama.cpp's token_to_piece for BPE vocabularies: these types as
+# their raw text (no byte-level decoding) ...
+_RAW_TYPES = frozenset({TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN})
+# ... and these as nothing at all.
+_SILENT_TYPES = frozenset({TokenType.UNUSED, TokenType.BYTE})
 # Token types that `decode(skip_special=True)` drops. USER_DEFINED is dropped too (llama.cpp
 # prints it) because the DLM mask token `|<MASK>|` can be USER_DEFINED and must not leak.
-_SPECIAL_TYPES = frozenset({TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNUSED})
+_SPECIAL_TYPES = frozenset({TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN,
+                            TokenType.UNUSED, TokenType.BYTE})
 # Types parsed out of prompt text as single tokens (llama.cpp tokenizer_st_partition).
 _ADDED_TYPES = frozenset({TokenType.CONTROL, TokenType.USER_DEFINED})
 
@@ -235,11 +238,14 @@ class Tokenizer:
         return ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The bytes token `token_id` stands for (raw UTF-8 text for special tokens)."""
+        """The bytes token `token_id` prints as (raw UTF-8 for special tokens, none for unused)."""
         cached = self._bytes[token_id]
         if cached is None:
             text = self._tokens[token_id]
-            if self._types[token_id] in _RAW_TYPES:
+            kind = self._types[token_id]
+            if kind in _SILENT_TYPES:
+                cached = b""
+            elif kind in _RAW_TYPES:
                 cached = text.encode("utf-8")
             else:
                 # A character outside the byte alphabet means a malformed vocab entry: keep its
@@ -252,7 +258,7 @@ class Tokenizer:
         return cached
 
     def is_special(self, token_id: int) -> bool:
-        """True for tokens that `decode(skip_special=True)` drops (control, user-defined, unused)."""
+        """True for tokens that `decode(skip_special=True)` drops (every type but NORMAL)."""
         return self._types[token_id] in _SPECIAL_TYPES
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:

@@ -35,7 +35,7 @@ def _pack_codes(out, codes):
             v = 0
             for s in range(4):
                 kk = g * 128 + s * 32 + b
-                c = codes[r, kk] if kk < k else 1
+                c = np.int64(codes[r, kk]) if kk < k else np.int64(1)
                 v |= c << (2 * s)
             out[r, byte] = v
 
@@ -60,7 +60,7 @@ def _unpack_codes(out, packed):
         for kk in range(k):
             g, w = divmod(kk, 128)
             s, b = divmod(w, 32)
-            out[r, kk] = ((packed[r, g * 32 + b] >> (2 * s)) & 3) - 1
+            out[r, kk] = np.int8((np.int64(packed[r, g * 32 + b]) >> (2 * s)) & 3) - 1
 
 
 def unpack_weights(packed: np.ndarray, k: int) -> np.ndarray:
@@ -77,7 +77,7 @@ def _unpack_row(w, packed, r):
         for s in range(4):
             base = g * 128 + s * 32
             for b in range(32):
-                w[base + b] = np.int16((packed[r, g * 32 + b] >> (2 * s)) & 3) - 1
+                w[base + b] = np.int16((np.int64(packed[r, g * 32 + b]) >> (2 * s)) & 3) - 1
 
 
 @pjit

@@ -1,0 +1,181 @@
+"""Every kernel against a plain numpy reference; integer paths must be exactly equal.
+
+The module is also run once more with NUMBA_DISABLE_JIT=1 (test_kernels_without_jit), so the
+kernels' Python source is checked too and failures there show Python tracebacks.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dlmnumba.kernels import attention as attn_k
+from dlmnumba.kernels import ops
+from dlmnumba.kernels.ternary import (pack_codes, padded_k, ternary_matmul_kernel,
+                                      unpack_weights)
+
+NO_JIT = os.environ.get("NUMBA_DISABLE_JIT") == "1"
+# shapes: odd K (padding), K crossing 128-blocks, several scale groups
+SHAPES = [(1, 128, 5), (3, 200, 7), (5, 512, 16), (2, 768, 33)]
+
+
+def ref_quantize(x):
+    """BitNet absmax int8 per row, straight from reference.md."""
+    s = (127.0 / np.maximum(np.abs(x).max(axis=1), 1e-5).astype(np.float32)).astype(np.float32)
+    q = np.clip(np.rint(x * s[:, None]), -128, 127).astype(np.int64)
+    return q, s
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_pack_roundtrip(m, k, n):
+    rng = np.random.default_rng(k)
+    codes = rng.integers(0, 3, (n, k), dtype=np.uint8)
+    packed = pack_codes(codes)
+    assert packed.shape == (n, padded_k(k) // 4)
+    assert np.array_equal(unpack_weights(packed, k), codes.astype(np.int8) - 1)
+    # padding weights are zero: unpacking the padded width shows code 1 there
+    assert np.all(unpack_weights(packed, padded_k(k))[:, k:] == 0)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_quantize_rows_exact(m, k, n):
+    rng = np.random.default_rng(m * 1000 + k)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 50)).astype(np.float32)
+    x[0, :3] = [0.5, -0.5, 1.5]  # exercise ties
+    q = np.full((m, padded_k(k)), 99, np.int16)
+    xs = np.empty(m, np.float32)
+    ops.quantize_rows(q, xs, x)
+    qr, sr = ref_quantize(x)
+    assert np.array_equal(q[:, :k], qr)
+    assert np.all(q[:, k:] == 0)
+    assert np.array_equal(xs, sr)
+    # an all-zero row uses the 1e-5 floor and quantizes to zeros
+    z = np.zeros((1, k), np.float32)
+    ops.quantize_rows(q[:1], xs[:1], z)
+    assert np.all(q[0] == 0) and xs[0] == np.float32(127.0) / np.float32(1e-5)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_ternary_matmul_exact(m, k, n, grouped):
+    rng = np.random.default_rng(n)
+    if grouped:
+        k = padded_k(max(k, 256) // 256 * 256)  # groups of 256 need K a multiple of 256
+    codes = rng.integers(0, 3, (n, k), dtype=np.uint8)
+    kp = padded_k(k)
+    q = np.zeros((m, kp), np.int16)
+    q[:, :k] = rng.integers(-128, 128, (m, k))
+    xs = rng.uniform(0.5, 2.0, m).astype(np.float32)
+    group = 256 if grouped else kp
+    scales = rng.uniform(0.1, 1.0, (n, kp // group)).astype(np.float32)
+    out = np.empty((m, n), np.float32)
+    ternary_matmul_kernel(out, q, xs, pack_codes(codes), scales, group)
+    w = codes.astype(np.int64) - 1
+    # integer dot per group, then the same float32 steps as the kernel
+    acc = np.stack([q[:, g * group:(g + 1) * group][:, :k].astype(np.int64)
+                    @ w[:, g * group:(g + 1) * group].T for g in range(kp // group)], axis=-1)
+    y = np.zeros((m, n), np.float32)
+    for g in range(kp // group):
+        y += acc[:, :, g].astype(np.float32) * scales[None, :, g]
+    np.testing.assert_allclose(out, y / xs[:, None], rtol=2e-6, atol=1e-6)
+    # the integer part alone must be exact: unit scales and unit xs
+    ternary_matmul_kernel(out, q, np.ones(m, np.float32), pack_codes(codes),
+                          np.ones_like(scales), group)
+    assert np.array_equal(out, acc.sum(-1).astype(np.float32))
+
+
+def test_rmsnorm():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 96)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 96).astype(np.float32)
+    out = np.empty_like(x)
+    ops.rmsnorm(out, x, w, 1e-5)
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_rot", [16, 8])
+def test_rope_neox(n_rot):
+    rng = np.random.default_rng(2)
+    m, h, d = 3, 2, 16
+    x = rng.standard_normal((m, h, d)).astype(np.float32)
+    pos = np.array([0, 7, 4000])
+    cos, sin = ops.rope_tables(pos, n_rot, 500000.0)
+    y = x.copy()
+    ops.rope_neox(y, cos, sin)
+    ref = x.astype(np.float64).copy()
+    half = n_rot // 2
+    for mi, p in enumerate(pos):
+        for i in range(half):
+            th = p * 500000.0 ** (-2 * i / n_rot)
+            a, b = x[mi, :, i].astype(np.float64), x[mi, :, i + half].astype(np.float64)
+            ref[mi, :, i] = a * np.cos(th) - b * np.sin(th)
+            ref[mi, :, i + half] = a * np.sin(th) + b * np.cos(th)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(y[..., n_rot:], x[..., n_rot:])  # partial rotary leaves the rest
+
+
+def ref_attention(q, k, v, kpos, qpos, block):
+    m, h, d = q.shape
+    grp = h // k.shape[0]
+    out = np.zeros((m, h, d))
+    for mi in range(m):
+        for hi in range(h):
+            if block:
+                vis = kpos // block <= qpos[mi] // block
+            else:
+                vis = kpos <= qpos[mi]
+            s = k[hi // grp] @ q[mi, hi] / np.sqrt(d)
+            s = np.where(vis, s, -np.inf)
+            p = np.exp(s - s.max())
+            out[mi, hi] = (p / p.sum()) @ v[hi // grp]
+    return out
+
+
+@pytest.mark.parametrize("block", [0, 4])
+def test_attention_masks(block):
+    rng = np.random.default_rng(3)
+    n_keys, m, h, hkv, d = 11, 5, 4, 2, 8
+    kc = rng.standard_normal((hkv, 16, d)).astype(np.float32)
+    vc = rng.standard_normal((hkv, 16, d)).astype(np.float32)
+    kpos = np.zeros(16, np.int32)
+    kpos[:n_keys] = np.arange(n_keys)
+    qpos = np.arange(n_keys - m, n_keys).astype(np.int32)  # the batch is the last m slots
+    q = rng.standard_normal((m, h, d)).astype(np.float32)
+    out = np.empty_like(q)
+    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, block, np.float32(1 / np.sqrt(d)))
+    ref = ref_attention(q, kc[:, :n_keys], vc[:, :n_keys], kpos[:n_keys], qpos, block)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    if block:  # block mask differs from causal: the first query of a block sees later ones
+        causal = ref_attention(q, kc[:, :n_keys], vc[:, :n_keys], kpos[:n_keys], qpos, 0)
+        assert not np.allclose(causal, ref)
+
+
+def test_activations_and_argmax():
+    rng = np.random.default_rng(4)
+    gu = rng.standard_normal((3, 10)).astype(np.float32)
+    out = np.empty((3, 5), np.float32)
+    ops.relu2_mul(out, gu, 5)
+    np.testing.assert_allclose(out, np.maximum(gu[:, :5], 0) ** 2 * gu[:, 5:], rtol=1e-6)
+    ops.silu_mul(out, gu, 5)
+    g = gu[:, :5].astype(np.float64)
+    np.testing.assert_allclose(out, g / (1 + np.exp(-g)) * gu[:, 5:], rtol=1e-5, atol=1e-7)
+    logits = rng.standard_normal((4, 50)).astype(np.float32) * 3
+    tok = np.empty(4, np.int64)
+    conf = np.empty(4, np.float32)
+    ops.argmax_confidence(tok, conf, logits)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert np.array_equal(tok, logits.argmax(1))
+    np.testing.assert_allclose(conf, p.max(1), rtol=1e-5)
+
+
+@pytest.mark.skipif(NO_JIT, reason="already running without the JIT")
+def test_kernels_without_jit():
+    """The same tests with NUMBA_DISABLE_JIT=1: the kernels' Python source must be right too."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        __file__, "-k", "not without_jit and not 768"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

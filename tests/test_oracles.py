@@ -1,0 +1,209 @@
+"""Cross-checks of the reference oracles (tests/oracles.py) against each other.
+
+numpy_logits (float64, per-token int8 activations) must match Hugging Face's BitNet tightly and
+llama.cpp (Q8_K activations per 256 values, F16 LM head) within a tolerance that still catches
+real architecture mistakes. Measured on the `tiny` preset (2 layers, E=256, n_ff=768) when the
+tolerances were chosen (relative Frobenius error ||a - b|| / ||b||):
+- numpy vs HF: ~1e-7, up to ~5e-4 when an activation rounding tie flips (float32 vs float64).
+- numpy vs llama.cpp, per-token: ~0.01-0.02; with act_quant_group=256 (Q8_K): ~2e-4-3e-3.
+- deliberately wrong oracles vs llama.cpp / HF: GPT-J RoPE ~0.7, sub-norm after Wo ~0.18,
+  relu2 <-> silu ~0.3, GQA head map h % n_kv ~1.1, rope base x2 ~0.2, no activation quant ~0.02.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import gguf
+
+import oracles as O
+from dlmnumba.gguf.synth import write_synthetic
+
+T = 48
+HF_REL_TOL = 2e-3          # float32 HF vs float64 numpy; structural bugs give > 0.15
+LLAMA_REL_TOL = 0.06       # per-token numpy vs Q8_K llama.cpp; structural bugs give > 0.15
+LLAMA_Q8K_REL_TOL = 0.01   # numpy with 256-value activation groups vs llama.cpp
+MIN_TOP1 = 0.95
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+
+
+def top1(a: np.ndarray, ref: np.ndarray) -> float:
+    return float((a.argmax(-1) == ref.argmax(-1)).mean())
+
+
+def with_extra_tensors(src, dst, extra: dict[str, np.ndarray]):
+    """Copy a GGUF (metadata and tensors, byte for byte) and append extra float32 tensors."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for t in r.tensors:
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            w.add_tensor(t.name, t.data)
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    for name, arr in extra.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """tiny synthetic models: {(arch, qtype): path}, plus one with per-projection .scale tensors."""
+    d = tmp_path_factory.mktemp("oracle_models")
+    out = {}
+    for arch, qtype in [("bitnet-b1.58", "TQ2_0"), ("bitnet", "TQ1_0"), ("bitnet", "TQ2_0")]:
+        out[arch, qtype] = write_synthetic(d / f"{arch}_{qtype}.gguf", "tiny", qtype, arch, seed=1)
+    hp, _ = O.load_gguf_weights(out["bitnet", "TQ2_0"])
+    rng = np.random.default_rng(7)
+    scales = {f"blk.{i}.{n}.scale": np.array([0.5 + rng.random()], np.float32)
+              for i in range(hp["n_layer"]) for n in O.PROJECTIONS}
+    for arch in ("bitnet", "bitnet-b1.58"):
+        out[arch, "scaled"] = with_extra_tensors(out[arch, "TQ2_0"], d / f"{arch}_scaled.gguf", scales)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(0).integers(0, 1024, T)
+
+
+# --------------------------------------------------------------------------- numpy oracle alone
+
+def test_load_gguf_weights_orientation_and_hparams(models):
+    hp, w = O.load_gguf_weights(models["bitnet-b1.58", "TQ2_0"])
+    E, F, kv = hp["n_embd"], hp["n_ff"], hp["n_head_kv"] * hp["head_dim"]
+    assert hp["activation"] == "relu2" and O.load_gguf_weights(models["bitnet", "TQ1_0"])[0]["activation"] == "silu"
+    assert hp["n_rot"] == hp["head_dim"] == E // hp["n_head"]
+    assert w["token_embd.weight"].shape == (hp["vocab"], E)
+    assert w["blk.0.attn_k.weight"].shape == (kv, E)
+    assert w["blk.0.ffn_up.weight"].shape == (F, E)
+    assert w["blk.0.ffn_down.weight"].shape == (E, F)
+    assert w["blk.1.ffn_sub_norm.weight"].shape == (F,)
+    mags = np.unique(np.abs(w["blk.0.attn_q.weight"]))
+    assert len(mags) == 2 and mags[0] == 0  # ternary times one scale
+
+
+def test_quantize_activations_rounding_and_clamp():
+    x = np.array([[127.0, 0.5, 1.5, -0.5, -2.5, -127.0], [0.0] * 6])
+    q, s = O.quantize_activations(x)
+    assert s[0, 0] == 1.0 and s[1, 0] == 127.0 / O.ACT_QUANT_EPS
+    np.testing.assert_array_equal(q[0], [127, 0, 2, -0, -2, -127])  # half to even
+    np.testing.assert_array_equal(q[1], 0)
+    qg, sg = O.quantize_activations(np.arange(512.0)[None, :] - 256, group=256)
+    assert qg.shape == (1, 2, 256) and sg[0, 0, 0] == 127 / 256 and sg[0, 1, 0] == 127 / 255
+
+
+def test_attention_masks():
+    blk = O.attention_mask(8, "block", 4)
+    assert blk[0, 3] and not blk[3, 4] and blk[5, 7] and blk[7, 0]
+    causal = O.attention_mask(8)
+    assert causal[3, 3] and not causal[3, 4]
+    with pytest.raises(ValueError):
+        O.attention_mask(8, "block")
+
+
+def test_block_attention_is_causal_across_blocks(models, tokens):
+    """Logits of earlier blocks do not depend on tokens of later blocks."""
+    hp, w = O.load_gguf_weights(models["bitnet-b1.58", "TQ2_0"])
+    a = O.numpy_logits(hp, w, tokens[:16], "block", 8)
+    b = O.numpy_logits(hp, w, np.concatenate([tokens[:8], tokens[16:24]]), "block", 8)
+    np.testing.assert_array_equal(a[:8], b[:8])
+    assert rel_err(a[8:], b[8:]) > 0.05
+    assert rel_err(a, O.numpy_logits(hp, w, tokens[:16], "causal")) > 0.05
+
+
+# --------------------------------------------------------------------------- numpy vs Hugging Face
+
+@pytest.mark.parametrize("linear_class", ["bitlinear", "autobitlinear"])
+@pytest.mark.parametrize("kind", ["TQ2_0", "scaled"])
+def test_numpy_matches_hf(models, tokens, linear_class, kind):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    path = models["bitnet-b1.58", kind]
+    hp, w = O.load_gguf_weights(path)
+    ref = O.numpy_logits(hp, w, tokens)
+    hf = O.hf_logits(path, tokens, linear_class)
+    err = rel_err(hf, ref)
+    assert err < HF_REL_TOL, f"numpy vs HF {linear_class}: rel {err:.2e}, max abs {np.abs(hf - ref).max():.3g}"
+    assert top1(hf, ref) >= MIN_TOP1
+    # most rows agree to float32 precision; only rows after a rounding-tie flip differ more
+    row_err = np.abs(hf - ref).max(-1) / np.abs(ref).max()
+    assert np.median(row_err) < 1e-4
+
+
+# --------------------------------------------------------------------------- numpy vs llama.cpp
+
+@pytest.mark.parametrize("kind", ["TQ1_0", "TQ2_0", "scaled"])
+def test_numpy_matches_llamacpp(models, tokens, kind):
+    pytest.importorskip("llama_cpp")
+    path = models["bitnet", kind]
+    hp, w = O.load_gguf_weights(path)
+    lc = O.llamacpp_logits(path, tokens)
+    ref = O.numpy_logits(hp, w, tokens)
+    err = rel_err(lc, ref)
+    assert err < LLAMA_REL_TOL, f"numpy vs llama.cpp: rel {err:.3g}, max abs {np.abs(lc - ref).max():.3g}"
+    assert top1(lc, ref) >= MIN_TOP1
+    err_q8k = rel_err(lc, O.numpy_logits(hp, w, tokens, act_quant_group=256))
+    assert err_q8k < LLAMA_Q8K_REL_TOL, f"numpy(Q8_K groups) vs llama.cpp: rel {err_q8k:.3g}"
+
+
+def test_llamacpp_tolerance_catches_wrong_activation(models, tokens):
+    """The llama.cpp tolerance is tight enough to fail on relu2 in place of silu."""
+    pytest.importorskip("llama_cpp")
+    path = models["bitnet", "TQ2_0"]
+    hp, w = O.load_gguf_weights(path)
+    lc = O.llamacpp_logits(path, tokens)
+    wrong = O.numpy_logits(dict(hp, activation="relu2"), w, tokens)
+    assert rel_err(lc, wrong) > 2 * LLAMA_REL_TOL
+
+
+def test_numpy_block_attention_matches_llamacpp(models, tokens):
+    """Block-causal: prefix written block by block non-causally, then one bidirectional block."""
+    pytest.importorskip("llama_cpp")
+    B = 8
+    path = models["bitnet", "TQ2_0"]
+    hp, w = O.load_gguf_weights(path)
+    seq = tokens[:4 * B]
+    lc = O.llamacpp_block_logits(path, seq[:3 * B], seq[3 * B:], block_size=B)
+    ref = O.numpy_logits(hp, w, seq, "block", B)[3 * B:]
+    assert rel_err(lc, ref) < LLAMA_REL_TOL
+    assert top1(lc, ref) >= MIN_TOP1
+    ref_q8k = O.numpy_logits(hp, w, seq, "block", B, act_quant_group=256)[3 * B:]
+    assert rel_err(lc, ref_q8k) < LLAMA_Q8K_REL_TOL
+    causal = O.numpy_logits(hp, w, seq, "causal", act_quant_group=256)[3 * B:]
+    assert rel_err(lc, causal) > 10 * LLAMA_Q8K_REL_TOL  # the mask really differs
+
+
+def test_numpy_custom_mask_matches_llamacpp_causal_prefix(models, tokens):
+    """Causal prefix in the cache, then a batch that sees the prefix and all of itself."""
+    pytest.importorskip("llama_cpp")
+    P, B = 20, 8
+    path = models["bitnet", "TQ1_0"]
+    hp, w = O.load_gguf_weights(path)
+    seq = tokens[:P + B]
+    mask = O.attention_mask(P + B, "causal")
+    mask[P:, P:] = True
+    lc = O.llamacpp_block_logits(path, seq[:P], seq[P:])
+    ref = O.numpy_logits(hp, w, seq, mask, act_quant_group=256)[P:]
+    assert rel_err(lc, ref) < LLAMA_Q8K_REL_TOL
+
+
+def test_hf_matches_llamacpp_on_silu_model(models, tokens):
+    """The two external oracles agree with each other too (arch bitnet, SiLU)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("llama_cpp")
+    path = models["bitnet", "scaled"]
+    err = rel_err(O.hf_logits(path, tokens, "autobitlinear"), O.llamacpp_logits(path, tokens))
+    assert err < LLAMA_REL_TOL
