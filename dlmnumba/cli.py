@@ -14,6 +14,11 @@ from .errors import DlmError
 EXIT_USER_ERROR = 2
 
 
+def _progress() -> bool:
+    """Progress bars go to stderr, and only when a person is watching it."""
+    return sys.stderr.isatty()
+
+
 def user_errors(fn):
     """Print our errors (and bad-file OS errors) as one line on stderr and exit 2."""
 
@@ -56,7 +61,7 @@ def model_synth(out: Path, preset: str, qtype: str, arch: str, seed: int) -> Non
     """Write a synthetic BitNet model with random ternary weights to OUT."""
     from .gguf.synth import write_synthetic
 
-    write_synthetic(out, preset=preset, qtype=qtype, arch=arch, seed=seed, progress=True)
+    write_synthetic(out, preset=preset, qtype=qtype, arch=arch, seed=seed, progress=_progress())
     click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): preset {preset}, {qtype}, "
                f"arch {arch}, seed {seed}; random weights, so generated text is noise")
 
@@ -100,7 +105,7 @@ def model_info(path: Path, load: bool, threads: int | None) -> None:
     if load:
         from .model.bitnet import load_model
 
-        m = load_model(str(path), threads=threads, progress=True)
+        m = load_model(str(path), threads=threads, progress=_progress())
         packed = sum(t.packed.nbytes + t.scales.nbytes for L in m.weights.layers
                      for t in (L.qkv, L.o, L.gate_up, L.down))
         n_w = sum(t.packed.shape[0] * t.k for L in m.weights.layers

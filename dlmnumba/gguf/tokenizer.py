@@ -4,7 +4,9 @@ It reproduces llama.cpp's tokenizer for `tokenizer.ggml.model == "gpt2"` vocabul
 (src/llama-vocab.cpp): the same pre-tokenizer regexes per `tokenizer.ggml.pre`, the same
 `ignore_merges` and `add_bos` defaults, and CONTROL / USER_DEFINED tokens recognised in prompt
 text as single tokens. Decoding is lossless (no llama.cpp-style `clean_spaces` rewriting), so
-decode(encode(s)) == s for any text without special tokens.
+decode(encode(s)) == s for any text without special tokens. Decoding maps vocabulary characters
+back to bytes with GPT-2's byte table (checked against `tokenizers`' ByteLevel decoder in the
+tests), so it can also stream token by token without splitting multi-byte characters.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from gguf import Keys, TokenType
 from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import models, pre_tokenizers
 
 from dlmnumba.errors import ModelFormatError
 
@@ -49,7 +51,7 @@ class PreTokenizerSpec:
     add_bos: bool  # default for `tokenizer.ggml.add_bos_token` when the key is absent
 
 
-_LLAMA3 = PreTokenizerSpec((LLAMA3_REGEX,), ignore_merges=False, add_bos=True)
+_LLAMA3 = PreTokenizerSpec((LLAMA3_REGEX,), ignore_merges=True, add_bos=True)
 _GPT2 = PreTokenizerSpec((GPT2_REGEX,), ignore_merges=False, add_bos=False)
 PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     "llama-bpe": _LLAMA3,
@@ -155,7 +157,6 @@ class Tokenizer:
         model = models.BPE(vocab=self._id_of, merges=list(merges), ignore_merges=spec.ignore_merges)
         hf = HFTokenizer(model)
         hf.pre_tokenizer = build_pre_tokenizer(spec)
-        hf.decoder = decoders.ByteLevel()
         added = [
             AddedToken(text, special=True, normalized=False, single_word=False,
                        lstrip=False, rstrip=False)
@@ -178,18 +179,21 @@ class Tokenizer:
         model = metadata.get(K.MODEL)
         if model is None:
             raise _fail(source, K.MODEL, "missing; this file has no tokenizer")
-        if model not in SUPPORTED_MODELS:
+        if not isinstance(model, str) or model not in SUPPORTED_MODELS:
             raise _fail(source, K.MODEL, f"unsupported tokenizer model {model!r}; "
                         f"supported: {', '.join(SUPPORTED_MODELS)} (byte-level BPE)")
         pre = metadata.get(K.PRE, MISSING_PRE)
-        if pre not in PRE_TOKENIZERS:
+        if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
             raise _fail(source, K.PRE, f"unsupported pre-tokenizer {pre!r}; "
                         f"supported: {', '.join(PRE_TOKENIZERS)}")
 
-        tokens = metadata.get(K.LIST)
-        if not isinstance(tokens, Sequence) or isinstance(tokens, str) or len(tokens) == 0:
-            raise _fail(source, K.LIST, "missing or empty; expected a list of token strings")
-        tokens = [str(t) for t in tokens]
+        raw_tokens = metadata.get(K.LIST)
+        if raw_tokens is None or isinstance(raw_tokens, (str, bytes)) \
+                or not isinstance(raw_tokens, Iterable):
+            raise _fail(source, K.LIST, "missing; expected a list of token strings")
+        tokens = [str(t) for t in raw_tokens]
+        if not tokens:
+            raise _fail(source, K.LIST, "is empty; expected a list of token strings")
         n_vocab = len(tokens)
 
         raw_types = metadata.get(K.TOKEN_TYPE)
@@ -229,7 +233,7 @@ class Tokenizer:
     # --- encoding / decoding -------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; special-token texts become single ids; BOS per the file's add_bos_token."""
+        """Token ids of `text` (special-token texts become single ids), BOS per add_bos_token."""
         ids = self._hf.encode(text, add_special_tokens=False).ids
         if self._add_bos if add_bos is None else add_bos:
             if self._bos_id is None:
@@ -275,7 +279,7 @@ class Tokenizer:
         return b"".join(parts).decode("utf-8", errors="replace")
 
     def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
-        """A decoder that turns ids pushed one at a time into text, holding back split UTF-8 sequences."""
+        """An incremental decoder: push ids one at a time, get text; split UTF-8 is held back."""
         return StreamDecoder(self, skip_special)
 
     # --- vocabulary facts ----------------------------------------------------------------
@@ -334,7 +338,8 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return (f"Tokenizer(source={self._source!r}, n_vocab={self.n_vocab}, pre={self._pre!r}, "
-                f"bos={self._bos_id}, eos={self._eos_id}, eot={self._eot_id}, mask={self._mask_id})")
+                f"bos={self._bos_id}, eos={self._eos_id}, eot={self._eot_id}, "
+                f"mask={self._mask_id})")
 
 
 class StreamDecoder:
