@@ -28,7 +28,7 @@ T = 48
 HF_REL_TOL = 0.03          # measured max 1.2e-2 (one rounding-tie cascade); bugs give > 0.15
 LLAMA_REL_TOL = 0.05       # per-token numpy vs Q8_K llama.cpp, measured ~0.021; bugs give > 0.15
 LLAMA_Q8K_REL_TOL = 0.03   # numpy with 256-value activation groups vs llama.cpp, max 1.2e-2
-MIN_TOP1 = 0.95
+MIN_TOP1 = 0.9           # tiny's logits have small top-2 gaps; measured >= 0.958 when correct
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
@@ -39,21 +39,22 @@ def top1(a: np.ndarray, ref: np.ndarray) -> float:
     return float((a.argmax(-1) == ref.argmax(-1)).mean())
 
 
-def with_extra_tensors(src, dst, extra: dict[str, np.ndarray]):
-    """Copy a GGUF (metadata and tensors, byte for byte) and append extra float32 tensors."""
+def rewrite_gguf(src, dst, extra: dict[str, np.ndarray] | None = None, kv: dict | None = None):
+    """Copy a GGUF (tensors byte for byte), append extra float32 tensors, override int metadata."""
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    kv = kv or {}
     for key, f in r.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+        w.add_key_value(key, kv.get(key, f.contents()), f.types[0], sub_type=sub)
     for t in r.tensors:
         if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             w.add_tensor(t.name, t.data)
         else:
             w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    for name, arr in extra.items():
+    for name, arr in (extra or {}).items():
         w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -64,7 +65,7 @@ def with_extra_tensors(src, dst, extra: dict[str, np.ndarray]):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """tiny synthetic models: {(arch, qtype): path}, plus one with per-projection .scale tensors."""
+    """tiny synthetic models {(arch, qtype): path}; 'scaled' adds .scale tensors, 'partial' n_rot=D/2."""
     d = tmp_path_factory.mktemp("oracle_models")
     out = {}
     for arch, qtype in [("bitnet-b1.58", "TQ2_0"), ("bitnet", "TQ1_0"), ("bitnet", "TQ2_0")]:
@@ -74,7 +75,9 @@ def models(tmp_path_factory):
     scales = {f"blk.{i}.{n}.scale": np.array([0.5 + rng.random()], np.float32)
               for i in range(hp["n_layer"]) for n in O.PROJECTIONS}
     for arch in ("bitnet", "bitnet-b1.58"):
-        out[arch, "scaled"] = with_extra_tensors(out[arch, "TQ2_0"], d / f"{arch}_scaled.gguf", scales)
+        out[arch, "scaled"] = rewrite_gguf(out[arch, "TQ2_0"], d / f"{arch}_scaled.gguf", scales)
+    out["bitnet", "partial"] = rewrite_gguf(out["bitnet", "TQ1_0"], d / "bitnet_partial.gguf",
+                                            kv={"bitnet.rope.dimension_count": hp["head_dim"] // 2})
     return out
 
 
@@ -146,7 +149,7 @@ def test_numpy_matches_hf(models, tokens, linear_class, kind):
 
 # --------------------------------------------------------------------------- numpy vs llama.cpp
 
-@pytest.mark.parametrize("kind", ["TQ1_0", "TQ2_0", "scaled"])
+@pytest.mark.parametrize("kind", ["TQ1_0", "TQ2_0", "scaled", "partial"])
 def test_numpy_matches_llamacpp(models, tokens, kind):
     pytest.importorskip("llama_cpp")
     path = models["bitnet", kind]
@@ -158,6 +161,9 @@ def test_numpy_matches_llamacpp(models, tokens, kind):
     assert top1(lc, ref) >= MIN_TOP1
     err_q8k = rel_err(lc, O.numpy_logits(hp, w, tokens, act_quant_group=256))
     assert err_q8k < LLAMA_Q8K_REL_TOL, f"numpy(Q8_K groups) vs llama.cpp: rel {err_q8k:.3g}"
+    if kind == "partial":  # only the first n_rot dims of each head rotate
+        assert hp["n_rot"] == hp["head_dim"] // 2
+        assert rel_err(lc, O.numpy_logits(dict(hp, n_rot=hp["head_dim"]), w, tokens)) > 2 * LLAMA_REL_TOL
 
 
 def test_llamacpp_tolerance_catches_wrong_activation(models, tokens):

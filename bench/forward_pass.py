@@ -1,0 +1,97 @@
+"""Load time, resident memory and the time of one block forward (65 tokens after a 20-token
+prefix) for dlmnumba and llama.cpp on the same GGUF file, in one run.
+
+    python bench/forward_pass.py [--model FILE] [--threads 2] [--repeats 5]
+
+Without --model it writes (once) a synthetic `bitnet-2b4t` model with arch `bitnet` and TQ2_0
+weights, which both engines can load.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def rss_mib() -> float:
+    """Current resident set size of this process."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def default_model() -> str:
+    from dlmnumba.gguf.synth import write_synthetic
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dlmnumba"
+    path = cache / "bench-bitnet-2b4t-bitnet-TQ2_0.gguf"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        write_synthetic(path, preset="bitnet-2b4t", qtype="TQ2_0", arch="bitnet", progress=True)
+    return str(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefix", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=65)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    path = args.model or default_model()
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(0, 1000, args.prefix).tolist()
+    batch = rng.integers(0, 1000, args.batch).tolist()
+    print(f"model {path} ({os.path.getsize(path) / 2**20:.0f} MiB), threads {args.threads}, "
+          f"prefix {args.prefix}, batch {args.batch}, median of {args.repeats}")
+
+    import dlmnumba
+
+    r0 = rss_mib()
+    t = time.perf_counter()
+    m = dlmnumba.load_model(path, threads=args.threads)
+    load = time.perf_counter() - t
+    rss = rss_mib() - r0
+    cache = m.new_cache(args.prefix + args.batch)
+    m.forward(prefix, None, cache)
+    times = []
+    for i in range(args.repeats + 1):  # the first run compiles / warms up
+        cache.truncate(args.prefix)
+        t = time.perf_counter()
+        m.forward(batch, None, cache, attention="block", block_size=args.batch)
+        times.append(time.perf_counter() - t)
+    ours = statistics.median(times[1:])
+    print(f"dlmnumba : load {load:6.2f} s, +RSS {rss:6.0f} MiB, forward {ours * 1e3:8.1f} ms")
+    del m, cache
+
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from llamacpp import LlamaCpp
+
+    r0 = rss_mib()
+    t = time.perf_counter()
+    lc = LlamaCpp(path, n_ctx=256, n_threads=args.threads, n_batch=128)
+    load_l = time.perf_counter() - t
+    lc.decode(prefix, 0)
+    rss_l = rss_mib() - r0
+    times = []
+    for i in range(args.repeats + 1):
+        lc.truncate(args.prefix)
+        t = time.perf_counter()
+        lc.decode(batch, args.prefix, logits_rows="all")
+        times.append(time.perf_counter() - t)
+    theirs = statistics.median(times[1:])
+    lc.close()
+    print(f"llama.cpp: load {load_l:6.2f} s, +RSS {rss_l:6.0f} MiB, forward {theirs * 1e3:8.1f} ms")
+    print(f"forward time ratio llama.cpp / dlmnumba: {theirs / ours:.2f}")
+
+
+if __name__ == "__main__":
+    main()
