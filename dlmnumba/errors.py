@@ -11,3 +11,7 @@ class ModelFormatError(DlmError):
 
 class ConfigError(DlmError):
     """A configuration value is unknown, of the wrong type, or out of range."""
+
+
+class DecodeError(DlmError):
+    """A request cannot be decoded as asked (no mask token for a diffusion mode, empty prompt)."""

@@ -1,0 +1,75 @@
+"""Decoding policy: how tokens are picked from logits and which masked positions get committed.
+
+No model knowledge here: functions over logits and confidences, chosen by name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..kernels.ops import argmax_confidence
+
+MODES = ("greedy", "iterative", "adaptive", "ar")
+ATTENTIONS = ("block", "causal")
+KV_COMMITS = ("normal", "none")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Token choice: temperature 0 is greedy argmax; otherwise seeded top-k / top-p sampling."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0  # 1.0 = no nucleus cut
+    seed: int = 0
+
+
+def pick_tokens(logits: np.ndarray, sampling: Sampling,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Token and its confidence (probability under the sampling distribution) per row."""
+    n = logits.shape[0]
+    tokens = np.empty(n, np.int64)
+    conf = np.empty(n, np.float32)
+    if sampling.temperature <= 0.0:
+        argmax_confidence(tokens, conf, np.ascontiguousarray(logits, dtype=np.float32))
+        return tokens, conf
+    for r in range(n):
+        z = logits[r].astype(np.float64) / sampling.temperature
+        if 0 < sampling.top_k < z.shape[0]:
+            kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
+            z = np.where(z >= kth, z, -np.inf)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        if sampling.top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            keep = order[: int(np.searchsorted(cum, sampling.top_p) + 1)]
+            q = np.zeros_like(p)
+            q[keep] = p[keep]
+            p = q / q.sum()
+        t = int(rng.choice(p.shape[0], p=p))
+        tokens[r], conf[r] = t, p[t]
+    return tokens, conf
+
+
+def step_threshold(mode: str, threshold: float, step: int) -> float:
+    """Confidence threshold of refinement step `step` (0-based) of a sub-block.
+
+    iterative: always `threshold`; adaptive (the seed's schedule): max(0.5, t - 0.4) on the
+    first step, max(0.7, t - 0.2) on the second, t from the third on.
+    """
+    if mode == "adaptive":
+        if step == 0:
+            return max(0.5, threshold - 0.4)
+        if step == 1:
+            return max(0.7, threshold - 0.2)
+    return threshold
+
+
+def select_unmask(conf: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices (into conf) to commit: every confidence above threshold, at least the best one."""
+    chosen = np.flatnonzero(conf > threshold)
+    if chosen.size == 0 and conf.size:
+        chosen = np.array([int(np.argmax(conf))])
+    return chosen
