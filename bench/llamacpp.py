@@ -23,7 +23,10 @@ def _lib():
 class LlamaCpp:
     """One llama.cpp model and context with a single sequence."""
 
-    def __init__(self, path: str, n_ctx: int = 512, n_threads: int = 2, n_batch: int = 512):
+    def __init__(self, path: str, n_ctx: int = 512, n_threads: int = 2, n_batch: int = 512,
+                 exact: bool = False):
+        """exact: F32 KV cache and no flash attention (which runs in F16 on the CPU), for
+        comparing numbers; the default keeps llama.cpp's own fast settings for timing."""
         lc = self.lc = _lib()
         mp = lc.llama_model_default_params()
         self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
@@ -33,6 +36,9 @@ class LlamaCpp:
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, 1
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.no_perf = True
+        if exact:
+            cp.type_k = cp.type_v = 0  # GGML_TYPE_F32
+            cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = lc.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not create a context for {path}")

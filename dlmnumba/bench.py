@@ -7,24 +7,15 @@ import math
 import os
 import platform
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+from .decode.scheduler import Generator, RequestStats
 
 # Seed report layout: values start at column 20 (labels padded to 19 characters).
 _LABEL_WIDTH = 19
 _TITLE = "=== Benchmark Results ==="
 # CPU features that pick our kernel paths (see kernels): VNNI tiles, AVX2 fallback.
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512bw", "fma")
-
-
-@dataclass
-class RequestStats:
-    """Measurements of one benchmark request."""
-
-    prompt_tokens: int  # tokens in the templated prompt
-    generated_tokens: int  # new tokens returned (may exceed max_tokens: budget checked per block)
-    forward_passes: int  # model forward calls for this request, prefill included
-    latency_s: float  # request start to last token
-    ttft_s: float  # request start to first generated token
 
 
 @dataclass(frozen=True)
@@ -171,3 +162,29 @@ def write_json(path: str | os.PathLike, summary: BenchSummary, env: dict[str, An
     with open(path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
+
+
+def run_benchmark(gen: Generator, prompt: list[int], iterations: int, warmup: int,
+                  progress: bool = False,
+                  on_request: Callable[[RequestStats], None] | None = None) -> tuple[list[RequestStats], float]:
+    """`warmup` untimed requests (the JIT compile among them), then `iterations` timed ones in
+    sequence; returns each timed request's stats and the wall time of all timed requests."""
+    import time
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=warmup + iterations, desc="Benchmark", unit="req", disable=not progress)
+    for _ in range(warmup):
+        gen.generate(prompt)
+        bar.update(1)
+    stats: list[RequestStats] = []
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        gen.generate(prompt)
+        stats.append(dataclasses.replace(gen.stats))
+        if on_request is not None:
+            on_request(stats[-1])
+        bar.update(1)
+    wall = time.perf_counter() - t0
+    bar.close()
+    return stats, wall

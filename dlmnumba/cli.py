@@ -137,5 +137,192 @@ def _memory_mib() -> tuple[float, float]:
     return cur, peak
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+
+
+# -- settings shared by generate and bench --------------------------------------------------
+# option name -> dotted config key (max_tokens is mapped per command)
+SETTING_KEYS = {
+    "model": "model_path", "threads": "threads", "mode": "dlm.decode_mode",
+    "block_size": "dlm.block_size", "small_block_size": "dlm.small_block_size",
+    "threshold": "dlm.threshold", "max_iterations_per_block": "dlm.max_iterations_per_block",
+    "mask_token_id": "dlm.mask_token_id", "attention": "dlm.attention",
+    "kv_commit": "dlm.kv_commit", "temperature": "sampling.temperature",
+    "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
+}
+
+
+def decode_options(fn):
+    """The options every decoding command takes; all default to None (config decides)."""
+    opts = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                     help="YAML config (see `dlmnumba config generate`)."),
+        click.option("--model", type=click.Path(dir_okay=False),
+                     help="GGUF model (default: $MODEL_PATH, else the built-in model)."),
+        click.option("--mode", type=click.Choice(["greedy", "iterative", "adaptive", "ar"]),
+                     help="greedy: one pass per block; iterative/adaptive: confidence-threshold "
+                          "refinement; ar: one token per pass."),
+        click.option("--block-size", type=int, help="Tokens per diffusion block."),
+        click.option("--small-block-size", type=int, help="Sub-block size (iterative/adaptive)."),
+        click.option("--threshold", type=float, help="Confidence to commit a token, in (0, 1)."),
+        click.option("--max-iterations-per-block", type=int,
+                     help="Refinement passes per block before filling the rest."),
+        click.option("--mask-token-id", type=int, help="Mask token id (default: from the model)."),
+        click.option("--attention", type=click.Choice(["block", "causal"]),
+                     help="block: bidirectional inside blocks (Fast-dLLM v2); causal."),
+        click.option("--kv-commit", type=click.Choice(["normal", "none"]),
+                     help="normal: the cache holds real tokens only. none: the seed's scheduling "
+                          "with stale mask K/V, for speed comparisons; output quality suffers."),
+        click.option("--threads", type=int, help="Threads (default: physical cores)."),
+        click.option("--temperature", type=float, help="0 = greedy argmax."),
+        click.option("--top-k", type=int, help="Sample from the k most likely (0 = off)."),
+        click.option("--top-p", type=float, help="Nucleus sampling mass (1 = off)."),
+        click.option("--seed", type=int, help="Sampling seed."),
+        click.option("--max-tokens", type=int, help="Exact cap on generated tokens."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _load_config(opts: dict, max_tokens_key: str, extra: dict | None = None):
+    from .config import load_config
+
+    cli = {SETTING_KEYS[k]: v for k, v in opts.items() if k in SETTING_KEYS}
+    cli[max_tokens_key] = opts.get("max_tokens")
+    cli.update(extra or {})
+    return load_config(opts.get("config_path"), cli=cli)
+
+
+def _open_model(cfg):
+    """Load the configured model, or the built-in default (written once to the user cache)."""
+    from .model.bitnet import load_model
+
+    path = cfg.model_path
+    if path is None:
+        from .gguf.synth import default_model_path, write_synthetic
+
+        path, spec = default_model_path()
+        if not path.exists():
+            click.echo(f"writing the built-in default model to {path} (once) ...", err=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_synthetic(path, progress=_progress(), **spec)
+        click.echo(f"model: built-in default {path.name} (BitNet 2B-4T shapes, random weights: "
+                   "its text is noise; pass --model for a real model)", err=True)
+    return load_model(str(path), threads=cfg.threads, progress=_progress())
+
+
+def _generator(model, cfg, max_tokens: int):
+    from .decode.scheduler import DecodeSettings, Generator
+    from .decode.strategies import Sampling
+
+    d, sm = cfg.dlm, cfg.sampling
+    settings = DecodeSettings(
+        mode=d.decode_mode, block_size=d.block_size, small_block_size=d.small_block_size,
+        threshold=d.threshold, max_iterations_per_block=d.max_iterations_per_block,
+        attention=d.attention, kv_commit=d.kv_commit, mask_token_id=d.mask_token_id,
+        max_tokens=max_tokens,
+        sampling=Sampling(temperature=sm.temperature, top_k=sm.top_k, top_p=sm.top_p, seed=sm.seed))
+    return Generator(model, settings)
+
+
+def seed_chat(prompt: str) -> str:
+    """The seed server's prompt form."""
+    return f"USER: {prompt}<|eot_id|>ASSISTANT:"
+
+
+def _chat(model, prompt: str) -> str:
+    """The model's chat template (jinja2) if it has one, else the seed's form."""
+    template = model.file.metadata.get("tokenizer.chat_template")
+    if not template:
+        return seed_chat(prompt)
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    try:
+        return env.from_string(template).render(
+            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+            bos_token="")  # the tokenizer adds BOS itself
+    except jinja2.TemplateError:
+        return seed_chat(prompt)
+
+
+@main.command()
+@click.argument("prompt")
+@decode_options
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@user_errors
+def generate(prompt: str, chat: bool, **opts) -> None:
+    """Generate text from PROMPT, streamed to stdout as blocks are committed."""
+    cfg = _load_config(opts, "sampling.max_tokens")
+    m = _open_model(cfg)
+    gen = _generator(m, cfg, cfg.sampling.max_tokens)
+    ids = m.tokenizer.encode(_chat(m, prompt) if chat else prompt)
+    dec = m.tokenizer.stream_decoder()
+    for chunk in gen.stream(ids):
+        text = "".join(dec.push(t) for t in chunk.tokens)
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+    click.echo(dec.flush())
+    st = gen.stats
+    click.echo(f"[{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated in "
+               f"{st.forward_passes} forward passes ({st.tokens_per_pass:.2f} tokens/pass); "
+               f"first token {st.ttft_s * 1e3:.0f} ms, total {st.latency_s:.2f} s, "
+               f"{st.generated_tokens / max(st.latency_s, 1e-9):.2f} tok/s; "
+               f"stop: {st.finish_reason}; mode {cfg.dlm.decode_mode}]", err=True)
+
+
+@main.command()
+@decode_options
+@click.option("--iterations", type=int, help="Timed requests (default 50).")
+@click.option("--warmup", type=int, help="Untimed warm-up requests, JIT compile included (default 3).")
+@click.option("--prompt", help="Prompt, wrapped as 'USER: ...<|eot_id|>ASSISTANT:'.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write figures + environment as JSON.")
+@user_errors
+def bench(iterations, warmup, prompt, json_path, **opts) -> None:
+    """Benchmark sequential requests and print the seed's report."""
+    from . import bench as B
+
+    cfg = _load_config(opts, "benchmark.max_tokens", {
+        "benchmark.iterations": iterations, "benchmark.warmup": warmup, "benchmark.prompt": prompt})
+    bc = cfg.benchmark
+    m = _open_model(cfg)
+    gen = _generator(m, cfg, bc.max_tokens)
+    ids = m.tokenizer.encode(seed_chat(bc.prompt))
+    stats, wall = B.run_benchmark(gen, ids, bc.iterations, bc.warmup, progress=_progress())
+    summary = B.summarize(stats, wall, len(ids), bc.max_tokens)
+    click.echo(B.format_report(summary))
+    click.echo(f"({cfg.dlm.decode_mode}, block {cfg.dlm.block_size}, attention {cfg.dlm.attention}, "
+               f"kv_commit {cfg.dlm.kv_commit}, {m.threads} threads: "
+               f"{summary.forward_passes_per_req:.2f} forward passes/request, "
+               f"{summary.tokens_per_forward_pass:.2f} tokens/pass)", err=True)
+    if json_path:
+        settings = {"model": m.path, "model_bytes": os.path.getsize(m.path),
+                    "mode": cfg.dlm.decode_mode, "block_size": cfg.dlm.block_size,
+                    "small_block_size": cfg.dlm.small_block_size, "threshold": cfg.dlm.threshold,
+                    "attention": cfg.dlm.attention, "kv_commit": cfg.dlm.kv_commit,
+                    "threads": m.threads, "forward_passes_per_request": summary.forward_passes_per_req,
+                    "prompt": bc.prompt, "warmup": bc.warmup}
+        B.write_json(json_path, summary, B.environment_info(), settings)
+
+
+@main.group("config")
+def config_group() -> None:
+    """Write or inspect YAML configuration."""
+
+
+@config_group.command("generate")
+def config_generate() -> None:
+    """Print a commented example config (the defaults) to stdout."""
+    from .config import generate_config_text
+
+    click.echo(generate_config_text(), nl=False)
+
+
+@config_group.command("show")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False))
+@user_errors
+def config_show(config_path) -> None:
+    """Print the effective configuration (defaults < environment < YAML)."""
+    from .config import dump_config, load_config
+
+    click.echo(dump_config(load_config(config_path)), nl=False)

@@ -9,7 +9,7 @@ by whatever forward continues the sequence, or by `Generator.commit()`.
 
 kv_commit 'none' replays the seed server's scheduling for like-for-like speed comparisons:
 prefill, one autoregressive token, then per block one pass of [previous token, masks] whose
-mask K/V stay in the cache as stale entries.  Its output quality suffers.
+mask K/V stay in the cache as stale entries (see _seed_replay).  Its output quality suffers.
 """
 from __future__ import annotations
 
@@ -193,6 +193,8 @@ class Generator:
                                   self.settings.block_size if att == "block" else None, rows)
 
     def _pick(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.mask_id is not None:  # committing a mask token would be meaningless
+            logits[:, self.mask_id] = -np.inf
         return pick_tokens(logits, self.settings.sampling, self._rng)
 
     def _ar(self, prompt: list[int], cache: KVCache) -> Iterator[list[int]]:
@@ -206,14 +208,17 @@ class Generator:
             pos += 1
 
     def _seed_replay(self, prompt: list[int], cache: KVCache) -> Iterator[list[int]]:
-        """The seed's scheduling: prefill, one AR token, then [prev, masks] per block; the
-        cache only grows, keeping every mask's stale K/V."""
+        """The seed's scheduling: prefill, one AR token, then per block one pass of
+        [prev @ p-1, masks @ p..p+B-1] with p = len(prompt) at first.  The pass overwrites the
+        cache slot at p-1 (at first the last prompt token's, later the previous block's last
+        mask) and leaves every other mask's stale K/V in place."""
         s = self.settings
         logits = self._forward(prompt, 0, cache, [len(prompt) - 1])
         prev = int(self._pick(logits)[0][0])
         yield [prev]
-        p = len(prompt) + 1
+        p = len(prompt)
         while True:
+            cache.truncate(p - 1)
             batch = [prev] + [self.mask_id] * s.block_size
             logits = self._forward(batch, p - 1, cache, list(range(s.block_size)))
             new = [int(t) for t in self._pick(logits)[0]]
@@ -230,17 +235,20 @@ class Generator:
             start = pos // big * big
             end = start + big
             block = np.full(end - pos, self.mask_id, np.int64)
-            self._decode_block(tokens, block, pos, start, cache, shift)
+            need = min(end - pos, s.max_tokens - (pos - len(prompt)))
+            self._decode_block(tokens, block, pos, start, cache, shift, need)
             new = [int(t) for t in block]
             tokens += new
             yield new
 
     def _decode_block(self, tokens: list[int], block: np.ndarray, pos: int, start: int,
-                      cache: KVCache, shift: bool) -> None:
-        """Fill block (positions pos..) in place with the mode's policy."""
+                      cache: KVCache, shift: bool, need: int) -> None:
+        """Fill block (positions pos..) in place with the mode's policy, until its first `need`
+        positions are decided (the rest of a last, cut block stays masked)."""
         s = self.settings
         n = block.shape[0]
         masked = np.ones(n, bool)
+        masked[need:] = False  # beyond max_tokens: never committed, still masks in the pass
         best_tok = np.zeros(n, np.int64)
         best_conf = np.full(n, -1.0, np.float32)
         sub = s.small_block_size if s.mode in ("iterative", "adaptive") else s.block_size

@@ -40,7 +40,20 @@ PRESETS = {
     "bitnet-2b4t": Preset(n_vocab=128257, n_embd=2560, n_layer=30, n_head=20, n_head_kv=5,
                           n_ff=6912),
 }
+# The built-in default model of `generate` and `bench`: real 2B-4T shapes, in a type and
+# architecture that llama.cpp also loads, so comparisons run on the very same file.
+DEFAULT_MODEL = {"preset": "bitnet-2b4t", "qtype": "TQ2_0", "arch": "bitnet", "seed": 0}
 QTYPES = {"TQ1_0": 34, "TQ2_0": 35, "I2_S": I2_S_TYPE}
+
+
+def default_model_path() -> tuple[Path, dict]:
+    """Where the built-in default model lives (user cache dir) and how to write it."""
+    import os
+
+    root = Path(os.environ.get("DLMNUMBA_CACHE_DIR") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlmnumba")
+    d = DEFAULT_MODEL
+    return root / f"synthetic-{d['preset']}-{d['qtype']}-{d['arch']}-seed{d['seed']}.gguf", dict(d)
 
 
 def layer_tensors(p: Preset, i: int) -> list[tuple[str, int, int]]:
@@ -56,8 +69,12 @@ def layer_tensors(p: Preset, i: int) -> list[tuple[str, int, int]]:
 
 
 def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "TQ2_0",
-                    arch: str = "bitnet-b1.58", seed: int = 0, progress: bool = False) -> Path:
-    """Write a synthetic model; the same arguments always give the same bytes."""
+                    arch: str = "bitnet-b1.58", seed: int = 0, progress: bool = False,
+                    **overrides: int) -> Path:
+    """Write a synthetic model; the same arguments always give the same bytes.
+
+    overrides replace preset fields (e.g. n_ff=256, used by tests that need every matmul input
+    to be one 256-value block, where llama.cpp's activation quantization equals ours)."""
     import gguf
 
     from .vocab import add_tokenizer_metadata, build_synth_vocab
@@ -68,7 +85,9 @@ def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "TQ2_0"
         raise ValueError(f"unknown qtype {qtype!r}; expected one of {', '.join(QTYPES)}")
     if arch not in ARCH_ACTIVATION:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCH_ACTIVATION)}")
-    p, qt = PRESETS[preset], QTYPES[qtype]
+    import dataclasses
+
+    p, qt = dataclasses.replace(PRESETS[preset], **overrides), QTYPES[qtype]
     path = Path(path)
     rng = np.random.default_rng(seed)
     vocab = build_synth_vocab(p.n_vocab)

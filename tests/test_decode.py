@@ -1,0 +1,233 @@
+"""Decoder invariants: each one breaks for a wrong token shift, mask, cache or policy."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dlmnumba
+from dlmnumba.decode import scheduler as sched
+from dlmnumba.decode.scheduler import DecodeSettings, Generator
+from dlmnumba.decode.strategies import step_threshold
+from dlmnumba.errors import DecodeError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+PROMPT = [1007, 39, 735, 78, 271, 285, 493, 5, 600, 7, 88]  # 11 tokens: not block aligned
+
+
+@pytest.fixture(scope="module")
+def tiny(synth_model):
+    return dlmnumba.load_model(synth_model())
+
+
+def run(model, prompt=PROMPT, **kw):
+    return Generator(model, DecodeSettings(**kw)).generate(prompt)
+
+
+def masked_argmax(logits, mask_id):
+    logits = logits.copy()
+    logits[:, mask_id] = -np.inf
+    return logits.argmax(1)
+
+
+@pytest.mark.parametrize("attention", ["block", "causal"])
+def test_greedy_block_1_equals_ar(tiny, attention):
+    ar = run(tiny, mode="ar", max_tokens=24)
+    g1 = run(tiny, mode="greedy", block_size=1, small_block_size=1, attention=attention,
+             max_tokens=24)
+    assert g1.tokens == ar.tokens
+    assert ar.stats.forward_passes == 24 and g1.stats.forward_passes == 24
+
+
+@pytest.mark.parametrize("attention", ["block", "causal"])
+def test_greedy_equals_argmax_of_fresh_logits(tiny, attention):
+    """Each block = argmax of Model.logits over [context, masks] under the same mask (shift 1)."""
+    b = 8
+    out = run(tiny, mode="greedy", block_size=b, attention=attention, max_tokens=21)
+    mask = tiny.spec.mask_id
+    seq = list(PROMPT)
+    while len(seq) - len(PROMPT) < 21:
+        pos = len(seq)
+        end = (pos // b + 1) * b
+        logits = tiny.logits(seq + [mask] * (end - pos), attention=attention,
+                             block_size=b if attention == "block" else None)
+        seq += masked_argmax(logits[pos - 1:end - 1], mask).tolist()
+    assert out.tokens == seq[len(PROMPT):len(PROMPT) + 21]
+    assert out.stats.forward_passes == 3  # blocks 8..15 (5 tokens), 16..23, 24..31 (cut to 8)
+
+
+def test_token_shift_off_uses_own_position(synth_model, tmp_path):
+    from test_errors import rewrite
+    path = rewrite(synth_model(), tmp_path / "noshift.gguf",
+                   metadata={"diffusion.shift_logits": False})
+    m = dlmnumba.load_model(path)
+    assert m.spec.shift_logits is False
+    out = run(m, mode="greedy", block_size=16, max_tokens=5)
+    logits = m.logits(PROMPT + [m.spec.mask_id] * 5, attention="block", block_size=16)
+    assert out.tokens == masked_argmax(logits[11:16], m.spec.mask_id).tolist()
+
+
+def test_iterative_low_threshold_commits_a_sub_block_per_pass(tiny):
+    out = run(tiny, prompt=PROMPT[:8], mode="iterative", block_size=16, small_block_size=4,
+              threshold=1e-9, max_tokens=32)
+    assert out.stats.forward_passes == 8  # sub-blocks: 2 (8..15) + 4 (16..31) + 2 (32..39)
+    assert len(out.tokens) == 32
+
+
+def test_iterative_threshold_one_commits_one_token_per_pass(tiny):
+    out = run(tiny, prompt=PROMPT[:8], mode="iterative", block_size=16, small_block_size=4,
+              threshold=1.0, max_iterations_per_block=100, max_tokens=32)
+    assert out.stats.forward_passes == 32
+
+
+def test_iteration_cap_fills_with_best_predictions(tiny):
+    out = run(tiny, prompt=PROMPT[:8], mode="iterative", block_size=16, small_block_size=4,
+              threshold=1.0, max_iterations_per_block=3, max_tokens=32)
+    assert out.stats.forward_passes == 9 and len(out.tokens) == 32  # 3 blocks x cap 3
+    assert tiny.spec.mask_id not in out.tokens
+
+
+def test_adaptive_uses_its_three_thresholds_in_order(tiny, monkeypatch):
+    assert [step_threshold("adaptive", 0.9, i) for i in range(4)] == [0.5, 0.7, 0.9, 0.9]
+    assert [step_threshold("adaptive", 0.6, i) for i in range(3)] == [0.5, 0.7, 0.6]
+    assert [step_threshold("iterative", 0.9, i) for i in range(3)] == [0.9, 0.9, 0.9]
+    seen = []
+    real = sched.select_unmask
+    monkeypatch.setattr(sched, "select_unmask", lambda c, t: (seen.append(t), real(c, t))[1])
+    run(tiny, prompt=PROMPT[:8], mode="adaptive", threshold=0.9, block_size=8,
+        small_block_size=8, max_iterations_per_block=100, max_tokens=8)
+    assert len(seen) >= 3 and seen[:3] == [0.5, 0.7, 0.9] and set(seen[2:]) == {0.9}
+
+
+@pytest.mark.parametrize("attention", ["block", "causal"])
+@pytest.mark.parametrize("mode", ["greedy", "iterative"])
+def test_cache_after_generation_equals_fresh_forward(tiny, attention, mode):
+    b = 8
+    gen = Generator(tiny, DecodeSettings(mode=mode, block_size=b, small_block_size=4,
+                                         threshold=0.5, attention=attention, max_tokens=29))
+    out = gen.generate(PROMPT)
+    full = PROMPT + out.tokens
+    cache = out.cache
+    assert cache.length + len(out.pending) == len(full)
+    assert cache.length % b == 0 and full[cache.length:] == out.pending  # only the last block
+    gen.commit(out)
+    fresh = tiny.new_cache()
+    tiny.forward(full, None, fresh, attention, b if attention == "block" else None, rows=[])
+    n = len(full)
+    assert cache.length == n
+    np.testing.assert_allclose(cache.k[:, :, :n], fresh.k[:, :, :n], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache.v[:, :, :n], fresh.v[:, :, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_seed_kv_commit_none_keeps_stale_masks(tiny):
+    out = run(tiny, mode="greedy", block_size=8, kv_commit="none", attention="causal",
+              max_tokens=17)
+    # prefill + 2 blocks of [prev @ p-1, 8 masks]; each overwrites the slot at p-1 only
+    assert out.stats.forward_passes == 3 and len(out.tokens) == 17
+    assert out.cache.length == len(PROMPT) + 2 * 8
+    assert out.pending == []
+
+
+@pytest.mark.parametrize("max_tokens", [1, 63, 64, 65, 128])
+def test_max_tokens_exact(tiny, max_tokens, monkeypatch):
+    gen = Generator(tiny, DecodeSettings(mode="greedy", block_size=64, max_tokens=max_tokens))
+    gen.eog = frozenset()  # random weights may emit EOS: test the budget alone
+    out = gen.generate(PROMPT)
+    assert len(out.tokens) == max_tokens and out.stats.finish_reason == "length"
+
+
+def test_eos_in_block_truncates_there(tiny):
+    ref = Generator(tiny, DecodeSettings(mode="greedy", block_size=16, max_tokens=40))
+    ref.eog = frozenset()
+    toks = ref.generate(PROMPT).tokens
+    stop_tok = toks[9]  # pretend the token at offset 9 (mid-block) ends generation
+    first = toks.index(stop_tok)
+    gen = Generator(tiny, DecodeSettings(mode="greedy", block_size=16, max_tokens=40))
+    gen.eog = frozenset({stop_tok})
+    out = gen.generate(PROMPT)
+    assert out.tokens == toks[:first + 1] and out.stats.finish_reason == "stop"
+
+
+def test_sampling_is_seeded(tiny):
+    a = run(tiny, mode="greedy", block_size=8, max_tokens=16,
+            sampling=sched.Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=3))
+    b = run(tiny, mode="greedy", block_size=8, max_tokens=16,
+            sampling=sched.Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=3))
+    c = run(tiny, mode="greedy", block_size=8, max_tokens=16,
+            sampling=sched.Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=4))
+    g = run(tiny, mode="greedy", block_size=8, max_tokens=16)
+    assert a.tokens == b.tokens and a.tokens != c.tokens and a.tokens != g.tokens
+
+
+def test_top_k_one_is_greedy(tiny):
+    g = run(tiny, mode="greedy", block_size=8, max_tokens=16)
+    k1 = run(tiny, mode="greedy", block_size=8, max_tokens=16,
+             sampling=sched.Sampling(temperature=0.7, top_k=1, seed=5))
+    assert g.tokens == k1.tokens
+
+
+def test_mask_detection_and_errors(synth_model, tmp_path):
+    from test_errors import rewrite
+    m = dlmnumba.load_model(synth_model())
+    assert sched.resolve_mask_id(m) == m.spec.mask_id == m.spec.n_vocab - 1
+    # without the metadata key the |<MASK>| token text is found
+    path = rewrite(synth_model(), tmp_path / "nomaskkey.gguf",
+                   metadata={"tokenizer.ggml.mask_token_id": None})
+    m2 = dlmnumba.load_model(path)
+    assert m2.spec.mask_id is None and sched.resolve_mask_id(m2) == m.spec.mask_id
+    assert sched.resolve_mask_id(m2, 5) == 5
+    with pytest.raises(DecodeError, match="outside the vocabulary"):
+        sched.resolve_mask_id(m2, 10**6)
+
+
+def test_no_mask_token_needs_ar(synth_model, tmp_path):
+    from test_errors import rewrite
+    src = dlmnumba.load_model(synth_model())
+    toks = list(src.file.metadata["tokenizer.ggml.tokens"])
+    toks[-1] = "<|reserved_special_token_x|>"
+    path = rewrite(synth_model(), tmp_path / "nomask.gguf",
+                   metadata={"tokenizer.ggml.mask_token_id": None, "tokenizer.ggml.tokens": toks})
+    m = dlmnumba.load_model(path)
+    with pytest.raises(DecodeError, match="--mask-token-id.*--mode ar"):
+        Generator(m, DecodeSettings(mode="greedy"))
+    assert len(Generator(m, DecodeSettings(mode="ar", max_tokens=4)).generate(PROMPT).tokens) == 4
+
+
+def test_ar_matches_llamacpp_greedy(synth_model):
+    """Teacher-forced: at every step of our AR output, llama.cpp's argmax given the same
+    history agrees with ours (where activation-quantization near-ties allow)."""
+    pytest.importorskip("llama_cpp")
+    from llamacpp import LlamaCpp
+    path = synth_model(qtype="TQ2_0", arch="bitnet")
+    m = dlmnumba.load_model(path)
+    gen = Generator(m, DecodeSettings(mode="ar", max_tokens=48))
+    gen.eog = frozenset()
+    out = gen.generate(PROMPT).tokens
+    lc = LlamaCpp(path, n_ctx=128, exact=True)
+    logits = lc.decode(PROMPT + out[:-1], 0, logits_rows="all")[len(PROMPT) - 1:]
+    lc.close()
+    agree = (masked_argmax(logits, m.spec.mask_id) == np.array(out)).mean()
+    assert agree >= 0.9, agree
+
+
+def test_seed_replay_matches_llamacpp(synth_model):
+    """kv_commit none + causal = the seed's scheduling replayed on llama.cpp, token for token.
+    n_ff = 256 makes every matmul input one 256-value block, where llama.cpp's Q8_K activation
+    quantization equals our per-token one."""
+    pytest.importorskip("llama_cpp")
+    from dlmnumba.gguf.synth import write_synthetic
+    from llamacpp import LlamaCpp
+    from seed_replay import seed_replay
+    path = str(Path(synth_model()).parent / "k256.gguf")
+    write_synthetic(path, preset="tiny", qtype="TQ2_0", arch="bitnet", n_ff=256)
+    m = dlmnumba.load_model(path)
+    gen = Generator(m, DecodeSettings(mode="greedy", block_size=16, kv_commit="none",
+                                      attention="causal", max_tokens=49))
+    gen.eog = frozenset()
+    ours = gen.generate(PROMPT).tokens
+    lc = LlamaCpp(path, n_ctx=256, exact=True)
+    theirs, passes = seed_replay(lc, PROMPT, m.spec.mask_id, block_size=16, max_tokens=49)
+    lc.close()
+    assert passes == gen.stats.forward_passes == 4
+    assert ours == theirs[:49]
