@@ -3,8 +3,8 @@ prefix) for dlmnumba and llama.cpp on the same GGUF file, in one run.
 
     python bench/forward_pass.py [--model FILE] [--threads 2] [--repeats 5]
 
-Without --model it writes (once) a synthetic `bitnet-2b4t` model with arch `bitnet` and TQ2_0
-weights, which both engines can load.
+Without --model it uses dlmnumba's built-in default model (a synthetic `bitnet-2b4t` with arch
+`bitnet` and TQ2_0 weights, which both engines load), writing it once to the user cache.
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ def rss_mib() -> float:
 
 
 def default_model() -> str:
-    from dlmnumba.gguf.synth import write_synthetic
+    """dlmnumba's built-in default model (2B-4T shapes, arch bitnet, TQ2_0), written once."""
+    from dlmnumba.gguf.synth import default_model_path, write_synthetic
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dlmnumba"
-    path = cache / "bench-bitnet-2b4t-bitnet-TQ2_0.gguf"
+    path, spec = default_model_path()
     if not path.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        write_synthetic(path, preset="bitnet-2b4t", qtype="TQ2_0", arch="bitnet", progress=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_synthetic(path, progress=True, **spec)
     return str(path)
 
 
