@@ -13,8 +13,9 @@ from dlmnumba.errors import ModelFormatError
 from dlmnumba.gguf.reader import GGUFFile
 
 
-def rewrite(src, dst, drop=(), metadata=None, tensors=None):
-    """Copy a GGUF file with tensors dropped/replaced and metadata overridden."""
+def rewrite(src, dst, drop=(), metadata=None, tensors=None, extra=None, raw_types=None):
+    """Copy a GGUF file with tensors dropped/replaced/added and metadata overridden;
+    raw_types gives the GGML type of replacement tensors passed as raw bytes."""
     f = GGUFFile(src)
     md = dict(f.metadata)
     md.update(metadata or {})
@@ -38,12 +39,17 @@ def rewrite(src, dst, drop=(), metadata=None, tensors=None):
         if name in drop:
             continue
         if tensors and name in tensors:
-            w.add_tensor(name, tensors[name])
+            if raw_types and name in raw_types:
+                w.add_tensor(name, tensors[name], raw_dtype=raw_types[name])
+            else:
+                w.add_tensor(name, tensors[name])
         elif info.qtype in (0, 1):
             w.add_tensor(name, f.array(name).copy())
         else:
             w.add_tensor(name, np.array(f.data(name)).reshape(info.shape[0], -1),
                          raw_dtype=gguf.GGMLQuantizationType(info.qtype))
+    for name, arr in (extra or {}).items():
+        w.add_tensor(name, arr)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
