@@ -70,8 +70,10 @@ def model_synth(out: Path, preset: str, qtype: str, arch: str, seed: int) -> Non
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--load", is_flag=True, help="Also load the weights; report load time and memory.")
 @click.option("--threads", type=int, default=None, help="Threads (default: physical cores).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="YAML config (its `threads` applies).")
 @user_errors
-def model_info(path: Path, load: bool, threads: int | None) -> None:
+def model_info(path: Path, load: bool, threads: int | None, config_path: str | None) -> None:
     """Describe a GGUF model: architecture, dimensions, tensor types, special tokens."""
     from .gguf.reader import GGUFFile
     from .gguf.spec import ModelSpec
@@ -105,6 +107,9 @@ def model_info(path: Path, load: bool, threads: int | None) -> None:
     if load:
         from .model.bitnet import load_model
 
+        from .config import load_config
+
+        threads = load_config(config_path, cli={"threads": threads}).threads
         m = load_model(str(path), threads=threads, progress=_progress())
         packed = sum(t.packed.nbytes + t.scales.nbytes for L in m.weights.layers
                      for t in (L.qkv, L.o, L.gate_up, L.down))
