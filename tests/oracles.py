@@ -28,7 +28,7 @@ relative). Compare logits with relative tolerances of that order, not float epsi
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,6 @@ ACTIVATION_ALIASES = {
 }
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 ACT_QUANT_EPS = 1e-5  # floor of max|x| in the per-token activation scale 127 / max|x|
-FLASH_ATTN = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED: llama.cpp's CPU flash attention adds ~1e-3 (F16)
 
 
 # --------------------------------------------------------------------------- GGUF reading
@@ -323,84 +322,21 @@ def hf_logits(path: str | Path, tokens, linear_class: str = "bitlinear", model=N
 
 # --------------------------------------------------------------------------- llama.cpp oracle
 
-_LLAMA_LOG_CB = None
+def _llamacpp(path: str | Path, n_ctx: int, n_threads: int):
+    """bench/llamacpp.py's runner in exact mode: F32 KV cache, no (F16) flash attention, and
+    n_ubatch = n_batch = n_ctx since a non-causal decode needs the whole batch in one ubatch."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from llamacpp import LlamaCpp
 
-
-def _llama():
-    """Import llama_cpp once, with its log output silenced."""
-    global _LLAMA_LOG_CB
-    import llama_cpp
-
-    if _LLAMA_LOG_CB is None:
-        _LLAMA_LOG_CB = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-        llama_cpp.llama_log_set(_LLAMA_LOG_CB, ctypes.c_void_p(0))
-        llama_cpp.llama_backend_init()
-    return llama_cpp
-
-
-@contextlib.contextmanager
-def _llama_context(path: str | Path, n_ctx: int, n_threads: int):
-    """A llama.cpp model + context (F32 KV cache, n_ubatch = n_batch = n_ctx)."""
-    lc = _llama()
-    mparams = lc.llama_model_default_params()
-    mparams.use_mmap = True
-    model = lc.llama_model_load_from_file(str(path).encode(), mparams)
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {path}")
-    cparams = lc.llama_context_default_params()
-    cparams.n_ctx = n_ctx
-    cparams.n_batch = n_ctx
-    cparams.n_ubatch = n_ctx  # non-causal decode needs the whole batch in one ubatch
-    cparams.n_seq_max = 1
-    cparams.n_threads = n_threads
-    cparams.n_threads_batch = n_threads
-    cparams.type_k = 0  # GGML_TYPE_F32: keep the KV cache out of the error budget
-    cparams.type_v = 0
-    cparams.no_perf = True
-    cparams.flash_attn_type = FLASH_ATTN
-    ctx = lc.llama_init_from_model(model, cparams)
-    if not ctx:
-        lc.llama_model_free(model)
-        raise RuntimeError(f"llama.cpp could not create a context for {path}")
-    try:
-        n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
-        yield lc, ctx, n_vocab
-    finally:
-        lc.llama_free(ctx)
-        lc.llama_model_free(model)
-
-
-def _decode(lc, ctx, n_vocab: int, tokens, pos0: int, want_logits: bool) -> np.ndarray | None:
-    """One llama_decode of tokens at positions pos0.. in sequence 0; logits of every row."""
-    n = len(tokens)
-    batch = lc.llama_batch_init(n, 0, 1)
-    try:
-        for i, tok in enumerate(tokens):
-            batch.token[i] = int(tok)
-            batch.pos[i] = pos0 + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1 if want_logits else 0
-        batch.n_tokens = n
-        rc = lc.llama_decode(ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}")
-        if not want_logits:
-            return None
-        out = np.empty((n, n_vocab), dtype=np.float32)
-        for i in range(n):
-            ptr = lc.llama_get_logits_ith(ctx, i)
-            out[i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
-        return out
-    finally:
-        lc.llama_batch_free(batch)
+    return contextlib.closing(LlamaCpp(str(path), n_ctx=n_ctx, n_threads=n_threads,
+                                       n_batch=n_ctx, exact=True))
 
 
 def llamacpp_logits(path: str | Path, tokens, n_threads: int = 2) -> np.ndarray:
     """Causal logits [T, vocab] from llama.cpp (one decode of the whole sequence at 0..T-1)."""
     tokens = list(tokens)
-    with _llama_context(path, max(len(tokens), 16), n_threads) as (lc, ctx, n_vocab):
-        return _decode(lc, ctx, n_vocab, tokens, 0, True)
+    with _llamacpp(path, max(len(tokens), 16), n_threads) as lc:
+        return lc.decode(tokens, 0, logits_rows="all")
 
 
 def llamacpp_block_logits(path: str | Path, prefix_tokens, batch_tokens,
@@ -414,12 +350,12 @@ def llamacpp_block_logits(path: str | Path, prefix_tokens, batch_tokens,
     """
     prefix, batch = list(prefix_tokens), list(batch_tokens)
     n_ctx = max(len(prefix) + len(batch), 16)
-    with _llama_context(path, n_ctx, n_threads) as (lc, ctx, n_vocab):
+    with _llamacpp(path, n_ctx, n_threads) as lc:
         if prefix and block_size is None:
-            _decode(lc, ctx, n_vocab, prefix, 0, False)
+            lc.decode(prefix, 0)
         elif prefix:
-            lc.llama_set_causal_attn(ctx, False)
+            lc.set_causal(False)
             for b0 in range(0, len(prefix), block_size):
-                _decode(lc, ctx, n_vocab, prefix[b0:b0 + block_size], b0, False)
-        lc.llama_set_causal_attn(ctx, False)
-        return _decode(lc, ctx, n_vocab, batch, len(prefix), True)
+                lc.decode(prefix[b0:b0 + block_size], b0)
+        lc.set_causal(False)
+        return lc.decode(batch, len(prefix), logits_rows="all")

@@ -58,7 +58,7 @@ def test_greedy_equals_argmax_of_fresh_logits(tiny, attention):
 
 
 def test_token_shift_off_uses_own_position(synth_model, tmp_path):
-    from test_errors import rewrite
+    from gguf_edit import rewrite
     path = rewrite(synth_model(), tmp_path / "noshift.gguf",
                    metadata={"diffusion.shift_logits": False})
     m = dlmnumba.load_model(path)
@@ -168,7 +168,7 @@ def test_top_k_one_is_greedy(tiny):
 
 
 def test_mask_detection_and_errors(synth_model, tmp_path):
-    from test_errors import rewrite
+    from gguf_edit import rewrite
     m = dlmnumba.load_model(synth_model())
     assert sched.resolve_mask_id(m) == m.spec.mask_id == m.spec.n_vocab - 1
     # without the metadata key the |<MASK>| token text is found
@@ -182,7 +182,7 @@ def test_mask_detection_and_errors(synth_model, tmp_path):
 
 
 def test_no_mask_token_needs_ar(synth_model, tmp_path):
-    from test_errors import rewrite
+    from gguf_edit import rewrite
     src = dlmnumba.load_model(synth_model())
     toks = list(src.file.metadata["tokenizer.ggml.tokens"])
     toks[-1] = "<|reserved_special_token_x|>"

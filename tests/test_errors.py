@@ -2,7 +2,6 @@
 and the CLI prints it in one line and exits 2 (never a traceback)."""
 import os
 
-import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -11,50 +10,7 @@ import dlmnumba
 from dlmnumba.cli import main
 from dlmnumba.errors import ModelFormatError
 from dlmnumba.gguf.reader import GGUFFile
-
-
-def rewrite(src, dst, drop=(), metadata=None, tensors=None, extra=None, raw_types=None):
-    """Copy a GGUF file with tensors dropped/replaced/added and metadata overridden;
-    raw_types gives the GGML type of replacement tensors passed as raw bytes."""
-    f = GGUFFile(src)
-    md = dict(f.metadata)
-    md.update(metadata or {})
-    w = gguf.GGUFWriter(str(dst), md["general.architecture"])
-    for key, val in md.items():
-        if key in ("general.architecture", "GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"):
-            continue
-        if val is None:
-            continue
-        if isinstance(val, bool):
-            w.add_bool(key, val)
-        elif isinstance(val, (int, np.integer)):
-            w.add_uint32(key, int(val)) if val >= 0 else w.add_int32(key, int(val))
-        elif isinstance(val, (float, np.floating)):
-            w.add_float32(key, float(val))
-        elif isinstance(val, str):
-            w.add_string(key, val)
-        else:
-            w.add_array(key, val.tolist() if isinstance(val, np.ndarray) else list(val))
-    for name, info in f.tensors.items():
-        if name in drop:
-            continue
-        if tensors and name in tensors:
-            if raw_types and name in raw_types:
-                w.add_tensor(name, tensors[name], raw_dtype=raw_types[name])
-            else:
-                w.add_tensor(name, tensors[name])
-        elif info.qtype in (0, 1):
-            w.add_tensor(name, f.array(name).copy())
-        else:
-            w.add_tensor(name, np.array(f.data(name)).reshape(info.shape[0], -1),
-                         raw_dtype=gguf.GGMLQuantizationType(info.qtype))
-    for name, arr in (extra or {}).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(dst)
+from gguf_edit import rewrite
 
 
 def assert_cli_error(path, *needles):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import gguf
+from gguf_edit import rewrite
 
 import oracles as O
 from dlmnumba.gguf.synth import write_synthetic
@@ -39,30 +40,6 @@ def top1(a: np.ndarray, ref: np.ndarray) -> float:
     return float((a.argmax(-1) == ref.argmax(-1)).mean())
 
 
-def rewrite_gguf(src, dst, extra: dict[str, np.ndarray] | None = None, kv: dict | None = None):
-    """Copy a GGUF (tensors byte for byte), append extra float32 tensors, override int metadata."""
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
-    kv = kv or {}
-    for key, f in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        sub = f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        w.add_key_value(key, kv.get(key, f.contents()), f.types[0], sub_type=sub)
-    for t in r.tensors:
-        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            w.add_tensor(t.name, t.data)
-        else:
-            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    for name, arr in (extra or {}).items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """tiny synthetic models {(arch, qtype): path}; 'scaled' adds .scale tensors, 'partial' n_rot=D/2."""
@@ -75,9 +52,9 @@ def models(tmp_path_factory):
     scales = {f"blk.{i}.{n}.scale": np.array([0.5 + rng.random()], np.float32)
               for i in range(hp["n_layer"]) for n in O.PROJECTIONS}
     for arch in ("bitnet", "bitnet-b1.58"):
-        out[arch, "scaled"] = rewrite_gguf(out[arch, "TQ2_0"], d / f"{arch}_scaled.gguf", scales)
-    out["bitnet", "partial"] = rewrite_gguf(out["bitnet", "TQ1_0"], d / "bitnet_partial.gguf",
-                                            kv={"bitnet.rope.dimension_count": hp["head_dim"] // 2})
+        out[arch, "scaled"] = rewrite(out[arch, "TQ2_0"], d / f"{arch}_scaled.gguf", extra=scales)
+    out["bitnet", "partial"] = rewrite(out["bitnet", "TQ1_0"], d / "bitnet_partial.gguf",
+                                       metadata={"bitnet.rope.dimension_count": hp["head_dim"] // 2})
     return out
 
 

@@ -9,7 +9,7 @@ from dlmnumba.gguf import quants
 from dlmnumba.gguf.reader import GGUFFile
 from dlmnumba.gguf.synth import PRESETS, layer_tensors, write_synthetic
 from oracles import load_gguf_weights, numpy_logits
-from test_errors import rewrite
+from gguf_edit import rewrite
 
 
 def close_to_reference(got, ref):
