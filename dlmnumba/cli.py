@@ -77,11 +77,11 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
     """Describe a GGUF model: architecture, dimensions, tensor types, special tokens."""
     from .gguf.reader import GGUFFile
     from .gguf.spec import ModelSpec
-    from .model.weights import _type_name
+    from .model.weights import type_name
 
     f = GGUFFile(str(path))
     s = ModelSpec.from_metadata(f.metadata, str(path))
-    types = Counter(_type_name(t.qtype) for t in f.tensors.values())
+    types = Counter(type_name(t.qtype) for t in f.tensors.values())
     md = f.metadata
     rows = [
         ("file", f"{path} ({path.stat().st_size / 2**20:.1f} MiB)"),

@@ -163,7 +163,7 @@ def _expect_shape(f: GGUFFile, name: str, shape: tuple[int, ...]) -> None:
 def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
     info = f.tensors[name]
     if info.qtype not in NORM_TYPES:
-        raise ModelFormatError(f"{f.path}: tensor '{name}' has type {_type_name(info.qtype)}, "
+        raise ModelFormatError(f"{f.path}: tensor '{name}' has type {type_name(info.qtype)}, "
                                f"expected one of {', '.join(NORM_TYPES.values())}")
     if int(np.prod(info.shape)) != n:
         raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(info.shape)}, "
@@ -174,7 +174,7 @@ def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
 def _embedding(f: GGUFFile, name: str, n_rows: int | None, n_cols: int) -> Embedding:
     info = f.tensors[name]
     if info.qtype not in EMBED_TYPES:
-        raise ModelFormatError(f"{f.path}: tensor '{name}' has type {_type_name(info.qtype)}, "
+        raise ModelFormatError(f"{f.path}: tensor '{name}' has type {type_name(info.qtype)}, "
                                f"expected one of {', '.join(EMBED_TYPES.values())}")
     if len(info.shape) != 2 or info.shape[1] != n_cols or (n_rows and info.shape[0] != n_rows):
         want = [n_rows if n_rows else "n_vocab", n_cols]
@@ -188,7 +188,7 @@ def _ternary(f: GGUFFile, base: str, n_out: int, k: int) -> Ternary:
     info = f.tensors[name]
     if info.qtype not in quants.TERNARY_TYPES:
         raise ModelFormatError(
-            f"{f.path}: tensor '{name}' has type {_type_name(info.qtype)}, expected a ternary "
+            f"{f.path}: tensor '{name}' has type {type_name(info.qtype)}, expected a ternary "
             f"type ({', '.join(fmt.name for fmt in quants.TERNARY_TYPES.values())})")
     _expect_shape(f, name, (n_out, k))
     try:
@@ -227,7 +227,8 @@ def _fuse(parts: list[Ternary]) -> Ternary:
                    np.concatenate([p.scales for p in parts]), parts[0].group, parts[0].k)
 
 
-def _type_name(qtype: int) -> str:
+def type_name(qtype: int) -> str:
+    """Name of a GGML tensor type id (ours for I2_S, the gguf package's otherwise)."""
     if qtype in quants.TERNARY_TYPES:
         return quants.TERNARY_TYPES[qtype].name
     try:
