@@ -19,11 +19,9 @@ import numpy as np
 
 def rss_mib() -> float:
     """Current resident set size of this process."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    from dlmnumba.bench import process_memory_mib
+
+    return process_memory_mib()[0]
 
 
 def default_model() -> str:

@@ -164,6 +164,22 @@ def write_json(path: str | os.PathLike, summary: BenchSummary, env: dict[str, An
         f.write("\n")
 
 
+def process_memory_mib() -> tuple[float, float]:
+    """Current and peak resident set size of this process in MiB."""
+    cur = peak = 0.0
+    try:
+        with open("/proc/self/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    cur = int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) / 1024
+    except OSError:  # not Linux: only the peak is known
+        import resource
+        peak = cur = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return cur, peak
+
+
 def run_benchmark(gen: Generator, prompt: list[int], iterations: int, warmup: int,
                   progress: bool = False,
                   on_request: Callable[[RequestStats], None] | None = None) -> tuple[list[RequestStats], float]:

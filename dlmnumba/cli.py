@@ -115,7 +115,9 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
                      for t in (L.qkv, L.o, L.gate_up, L.down))
         n_w = sum(t.packed.shape[0] * t.k for L in m.weights.layers
                   for t in (L.qkv, L.o, L.gate_up, L.down))
-        rss, peak = _memory_mib()
+        from .bench import process_memory_mib
+
+        rss, peak = process_memory_mib()
         rows += [("load time", f"{m.load_seconds:.2f} s ({m.threads} threads)"),
                  ("ternary weights", f"{n_w / 1e6:.1f} M in {packed / 2**20:.1f} MiB "
                                      f"({8 * packed / n_w:.2f} bits/weight)"),
@@ -123,23 +125,6 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k + ':':<{width + 2}}{v}")
-
-
-def _memory_mib() -> tuple[float, float]:
-    """Current and peak resident set size of this process in MiB."""
-    cur = peak = 0.0
-    try:
-        with open("/proc/self/status", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    cur = int(line.split()[1]) / 1024
-                elif line.startswith("VmHWM:"):
-                    peak = int(line.split()[1]) / 1024
-    except OSError:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        cur = peak
-    return cur, peak
 
 
 

@@ -11,7 +11,12 @@ ARCH_ACTIVATION = {"bitnet-b1.58": "relu2", "bitnet-25": "relu2", "bitnet": "sil
 ACTIVATION_ALIASES = {"relu2": "relu2", "relu_squared": "relu2", "squared_relu": "relu2",
                       "silu": "silu", "swish": "silu"}
 MASK_TOKEN_TEXT = "|<MASK>|"
-EOG_TOKEN_TEXTS = ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "</s>")
+# Texts that end generation besides EOS / EOT (llama.cpp's special_eog_ids detection), counted
+# only for CONTROL (3) or USER_DEFINED (4) tokens, as llama.cpp does.
+EOG_TEXTS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|endoftext|>", "<|im_end|>",
+             "<|end|>", "<end_of_turn>")
+EOG_TOKEN_TYPES = (3, 4)
+EOT_TEXT = "<|eot_id|>"
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,11 @@ class ModelSpec:
                for k in ("bos", "eos", "eot", "mask")}
         eog = {i for i in (ids["eos"], ids["eot"]) if i is not None}
         if tokens is not None:
-            text_to_id = {t: i for i, t in enumerate(tokens) if t in EOG_TOKEN_TEXTS}
-            if ids["eot"] is None and "<|eot_id|>" in text_to_id:
-                ids["eot"] = text_to_id["<|eot_id|>"]
+            types = md.get("tokenizer.ggml.token_type")
+            text_to_id = {t: i for i, t in enumerate(tokens) if t in EOG_TEXTS
+                          and (types is None or int(types[i]) in EOG_TOKEN_TYPES)}
+            if ids["eot"] is None and EOT_TEXT in text_to_id:
+                ids["eot"] = text_to_id[EOT_TEXT]
             eog.update(text_to_id.values())
         for name, val in ids.items():
             if val is not None and not 0 <= val < max(n_vocab, 1):

@@ -67,10 +67,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
 MISSING_PRE = "default"
 SUPPORTED_MODELS = ("gpt2",)
 
-# Texts that end generation besides EOS / EOT (llama.cpp's special_eog_ids detection).
-EOG_TEXTS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "<|endoftext|>", "<|im_end|>",
-             "<|end|>", "<end_of_turn>")
-EOT_TEXT = "<|eot_id|>"
+from .spec import EOG_TEXTS, EOG_TOKEN_TYPES, EOT_TEXT  # one list for the spec and us
 
 # How tokens print, as in llama.cpp's token_to_piece for BPE vocabularies: these types as
 # their raw text (no byte-level decoding) ...
@@ -169,7 +166,7 @@ class Tokenizer:
         eog = {i for i in (eos_id, eot_id) if i is not None}
         for text in EOG_TEXTS:
             i = self._id_of.get(text)
-            if i is not None and self._types[i] in _ADDED_TYPES:
+            if i is not None and self._types[i] in EOG_TOKEN_TYPES:
                 eog.add(i)
         self._eog_ids = frozenset(eog)
 

@@ -90,8 +90,9 @@ class Embedding:
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Embedding rows of the given token ids, float32 [len(ids), n_cols]."""
-        return np.stack([self.rows_f32(int(i), int(i) + 1)[0] for i in ids]) if len(ids) else \
-            np.zeros((0, self.n_cols), np.float32)
+        rows = self.raw.reshape(self.n_rows, self.row_bytes)[np.asarray(ids, np.int64)]
+        return Embedding(rows.reshape(-1), self.qtype, len(rows), self.n_cols,
+                         self.name).rows_f32(0, len(rows)).copy()
 
     def project(self, out: np.ndarray, h: np.ndarray) -> None:
         """out[M, n_rows] = h[M, n_cols] @ E^T, converting CHUNK_ROWS rows at a time."""
