@@ -43,16 +43,18 @@ def test_quantize_rows_exact(m, k, n):
     rng = np.random.default_rng(m * 1000 + k)
     x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 50)).astype(np.float32)
     x[0, :3] = [0.5, -0.5, 1.5]  # exercise ties
-    q = np.full((m, padded_k(k)), 99, np.int16)
+    q = np.full((m + 3, padded_k(k)), 99, np.int8)  # 3 padding rows
     xs = np.empty(m, np.float32)
-    ops.quantize_rows(q, xs, x)
+    qsum = np.full(m + 3, 99, np.int32)
+    ops.quantize_rows(q, xs, qsum, x)
     qr, sr = ref_quantize(x)
-    assert np.array_equal(q[:, :k], qr)
-    assert np.all(q[:, k:] == 0)
+    assert np.array_equal(q[:m, :k], qr)
+    assert np.all(q[:m, k:] == 0) and np.all(q[m:] == 0)
+    assert np.array_equal(qsum, np.concatenate([qr.sum(1), [0, 0, 0]]))
     assert np.array_equal(xs, sr)
     # an all-zero row uses the 1e-5 floor and quantizes to zeros
     z = np.zeros((1, k), np.float32)
-    ops.quantize_rows(q[:1], xs[:1], z)
+    ops.quantize_rows(q[:1], xs[:1], qsum[:1], z)
     assert np.all(q[0] == 0) and xs[0] == np.float32(127.0) / np.float32(1e-5)
 
 
@@ -179,3 +181,34 @@ def test_kernels_without_jit():
                         __file__, "-k", "not without_jit and not 768"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("path", ["vnni512", "vnni256", "avx2", "portable"])
+@pytest.mark.parametrize("m,k,n", [(1, 128, 5), (5, 512, 16), (7, 1536, 37), (65, 2560, 24)])
+def test_every_kernel_path_is_exact(path, m, k, n):
+    """Each instruction path against the plain integer reference, bit for bit (odd M and N
+    exercise the padded tiles; K > 1024 crosses the k-chunking)."""
+    from dlmnumba.kernels.dispatch import supported_paths
+    from dlmnumba.kernels.ternary import M_ALIGN, ternary_matmul
+    if NO_JIT and path != "portable":
+        pytest.skip("LLVM intrinsics need the JIT")
+    if path not in supported_paths():
+        pytest.skip(f"this CPU cannot execute the {path} path (supported: {supported_paths()})")
+    rng = np.random.default_rng(m * 7 + n)
+    codes = rng.integers(0, 3, (n, k), dtype=np.uint8)
+    kp = padded_k(k)
+    mp = -(-m // M_ALIGN) * M_ALIGN
+    q = np.zeros((mp, kp), np.int8)
+    q[:m, :k] = rng.integers(-128, 128, (m, k))
+    q[0, :k] = -128  # the extreme value on one row
+    qsum = q.astype(np.int32).sum(1).astype(np.int32)
+    xs = rng.uniform(0.5, 2.0, m).astype(np.float32)
+    scales = rng.uniform(0.1, 1.0, (n, 1)).astype(np.float32)
+    acc = q[:m, :k].astype(np.int64) @ (codes.astype(np.int64) - 1).T
+    out = np.empty((m, n), np.float32)
+    ternary_matmul(out, q, qsum, np.ones(m, np.float32), pack_codes(codes),
+                   np.ones_like(scales), kp, path)
+    assert np.array_equal(out, acc.astype(np.float32))
+    ternary_matmul(out, q, qsum, xs, pack_codes(codes), scales, kp, path)
+    expect = (acc.astype(np.float32) * scales[:, 0]) / xs[:, None]
+    assert np.array_equal(out, expect)

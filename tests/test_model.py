@@ -89,3 +89,19 @@ def test_threads_setting(synth_model):
     m1 = dlmnumba.load_model(synth_model(), threads=1)
     assert m1.threads == 1
     np.testing.assert_array_equal(m1.logits(TOKENS), dlmnumba.load_model(synth_model()).logits(TOKENS))
+
+
+def test_kernel_paths_give_identical_logits(synth_model):
+    """Every int8 path computes the same integers and the same float epilogue."""
+    from dlmnumba.kernels.dispatch import supported_paths
+    path = synth_model()
+    ref = dlmnumba.load_model(path, kernel="portable").logits(TOKENS)
+    for kernel in supported_paths():
+        m = dlmnumba.load_model(path, kernel=kernel)
+        assert m.kernel == kernel
+        np.testing.assert_array_equal(m.logits(TOKENS), ref)
+
+
+def test_unknown_or_unsupported_kernel_path(synth_model):
+    with pytest.raises(ValueError, match="unknown"):
+        dlmnumba.load_model(synth_model(), kernel="neon")

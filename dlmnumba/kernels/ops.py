@@ -27,12 +27,17 @@ def rmsnorm(out, x, weight, eps):
 
 
 @pjit
-def quantize_rows(q, xscale, x):
-    # q[M, Kp] int16, xscale[M] <- x[M, K]: per-row absmax int8 (BitNet BitLinear input)
-    # s = 127 / max(|x|, 1e-5); q = clamp(round_half_even(x * s), -128, 127); pad columns = 0
+def quantize_rows(q, xscale, qsum, x):
+    # q[Mp, Kp] int8, xscale[M], qsum[Mp] <- x[M, K]: per-row absmax int8 (BitNet BitLinear)
+    # s = 127 / max(|x|, 1e-5); q = clamp(round_half_even(x * s), -128, 127); qsum = sum q.
+    # Padding (columns K.., rows M..) is zero.
     m_rows, k = x.shape
-    kp = q.shape[1]
-    for m in prange(m_rows):
+    mp, kp = q.shape
+    for m in prange(mp):
+        if m >= m_rows:
+            q[m, :] = 0
+            qsum[m] = 0
+            continue
         amax = np.float32(ABSMAX_FLOOR)
         for i in range(k):
             a = abs(x[m, i])
@@ -40,9 +45,12 @@ def quantize_rows(q, xscale, x):
                 amax = a
         s = np.float32(QMAX) / amax
         xscale[m] = s
+        total = 0
         for i in range(k):
-            v = np.rint(x[m, i] * s)
-            q[m, i] = np.int16(min(max(v, QMIN), QMAX))
+            v = np.int32(min(max(np.rint(x[m, i] * s), QMIN), QMAX))
+            q[m, i] = v
+            total += v
+        qsum[m] = total
         for i in range(k, kp):
             q[m, i] = 0
 

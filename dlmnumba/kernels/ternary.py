@@ -10,13 +10,18 @@ Kernel layout of a ternary matrix W[N, K] (N output rows, K inputs):
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import prange
 
 from .cpu import jit, pjit
+from .simd import PATHS as SIMD_PATHS
+from .simd import ACC_LANES, STEP, TILE, dot_tile
 
 PACK_BLOCK = 128  # weights per 32-byte packed run
 ROW_TILE = 16  # output rows per parallel task (amortizes the unpack buffer)
+M_ALIGN = TILE  # activation rows are padded to a multiple of this (zero rows) for the SIMD tile
+K_CHUNK = 1024  # bytes of k per SIMD pass over a row block (keeps the working set in L1)
 
 
 def padded_k(k: int) -> int:
@@ -83,7 +88,9 @@ def _unpack_row(w, packed, r):
 @pjit
 def ternary_matmul_kernel(out, q, xscale, packed, scales, group):
     # out[M, N] = (q[M, Kp] @ W[N, Kp]^T) * scales[N, G] / xscale[M]; exact int32 dot per group
-    m_rows, kp = q.shape
+    # (q may have padding rows beyond M; they are ignored)
+    m_rows = out.shape[0]
+    kp = q.shape[1]
     n = packed.shape[0]
     n_groups = scales.shape[1]
     n_tiles = (n + ROW_TILE - 1) // ROW_TILE
@@ -103,3 +110,86 @@ def ternary_matmul_kernel(out, q, xscale, packed, scales, group):
                         acc = np.int32(acc + np.int32(qg[j]) * np.int32(wg[j]))
                     y += np.float32(acc) * scales[r, g]
                 out[m, r] = y / xscale[m]
+
+
+@jit
+def _unpack_codes_row(dst, packed, r):
+    # dst[Kp] uint8 codes in {0,1,2} <- packed row r
+    for g in range(packed.shape[1] // 32):
+        for s in range(4):
+            base = g * 128 + s * 32
+            for b in range(32):
+                dst[base + b] = (packed[r, g * 32 + b] >> (2 * s)) & 3
+
+
+@pjit
+def ternary_matmul_simd(path, out, q, qsum, xscale, packed, scales):
+    # out[M, N] = (codes[N, Kp] . q[Mp, Kp] - qsum[M]) * scales[N, 0] / xscale[M]
+    # codes = weight + 1 in {0,1,2} (the unsigned operand of vpdpbusd), q int8 activations;
+    # sum (w + 1) q = sum w q + sum q, hence the qsum correction.  One scale per row (G = 1).
+    # Per task: ROW_TILE weight rows unpacked once, then k in chunks of K_CHUNK so a 4-token
+    # slice of q and the rows' codes stay in L1 while every (token, row) tile consumes them.
+    m_rows = out.shape[0]
+    mp, kp = q.shape
+    n = packed.shape[0]
+    lit = numba.literally(path)  # specialize per path: only its instructions are compiled
+    n_m = mp // TILE
+    for t in prange((n + ROW_TILE - 1) // ROW_TILE):
+        codes = np.zeros((ROW_TILE, kp), np.uint8)
+        acc = np.zeros((ROW_TILE // TILE, n_m, TILE * TILE, ACC_LANES), np.int32)
+        r0 = t * ROW_TILE
+        nr = min(ROW_TILE, n - r0)
+        for i in range(nr):
+            _unpack_codes_row(codes[i], packed, r0 + i)
+        for k0 in range(0, kp, K_CHUNK):
+            steps = (min(kp, k0 + K_CHUNK) - k0) // STEP
+            for mt in range(n_m):
+                for jt in range((nr + TILE - 1) // TILE):
+                    dot_tile(lit, codes.ctypes.data + jt * TILE * kp + k0, kp,
+                             q.ctypes.data + mt * TILE * kp + k0, kp, steps,
+                             acc[jt, mt].ctypes.data)
+        for jt in range((nr + TILE - 1) // TILE):
+            for mt in range(n_m):
+                for i in range(min(TILE, nr - jt * TILE)):
+                    r = r0 + jt * TILE + i
+                    for j in range(min(TILE, m_rows - mt * TILE)):
+                        m = mt * TILE + j
+                        total = np.int32(0)
+                        for lane in range(ACC_LANES):
+                            total += acc[jt, mt, i * TILE + j, lane]
+                        y = np.float32(total - qsum[m]) * scales[r, 0]
+                        out[m, r] = y / xscale[m]
+
+
+# One entry point per path, calling the driver with a constant path index: numba types the
+# constant as a literal, so each path is compiled (and cached) on its first use only, and a
+# call from Python never goes through numba.literally's retry.
+@jit
+def _simd_vnni512(out, q, qsum, xscale, packed, scales):
+    ternary_matmul_simd(0, out, q, qsum, xscale, packed, scales)
+
+
+@jit
+def _simd_vnni256(out, q, qsum, xscale, packed, scales):
+    ternary_matmul_simd(1, out, q, qsum, xscale, packed, scales)
+
+
+@jit
+def _simd_avx2(out, q, qsum, xscale, packed, scales):
+    ternary_matmul_simd(2, out, q, qsum, xscale, packed, scales)
+
+
+SIMD_MATMUL = {"vnni512": _simd_vnni512, "vnni256": _simd_vnni256, "avx2": _simd_avx2}
+assert tuple(SIMD_MATMUL) == SIMD_PATHS
+
+
+def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.ndarray,
+                   packed: np.ndarray, scales: np.ndarray, group: int, path: str) -> None:
+    """out[M, N] = W q with W ternary in kernel layout, on instruction path `path`.
+
+    q is int8 [Mp, Kp] (rows padded to a multiple of M_ALIGN with zeros), qsum its row sums.
+    Matrices with several scale groups per row use the portable kernel on every path."""
+    if path == "portable" or scales.shape[1] != 1:
+        ternary_matmul_kernel(out, q, xscale, packed, scales, group)
+    else:
+        SIMD_MATMUL[path](out, q, qsum, xscale, packed, scales)

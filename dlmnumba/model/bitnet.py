@@ -1,6 +1,7 @@
 """The BitNet b1.58 transformer: load a GGUF file, run a batch of tokens against a KV cache."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Sequence
 
@@ -13,7 +14,8 @@ from ..gguf.spec import ModelSpec
 from ..kernels import attention as attn_k
 from ..kernels import ops
 from ..kernels.cpu import set_threads
-from ..kernels.ternary import padded_k, ternary_matmul_kernel
+from ..kernels.dispatch import select_path
+from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .kv_cache import KVCache
 from .weights import Ternary, Weights, load_weights
 
@@ -23,8 +25,10 @@ ATTENTION_MODES = ("causal", "block")
 class Model:
     """A loaded BitNet model: spec, tokenizer, packed weights, and the forward pass."""
 
-    def __init__(self, path: str, threads: int | None = None, progress: bool = False):
+    def __init__(self, path: str, threads: int | None = None, progress: bool = False,
+                 kernel: str | None = None):
         t0 = time.perf_counter()
+        self.kernel = select_path(kernel)  # int8 matmul instruction path (kernels/dispatch.py)
         self.path = str(path)
         self.file = GGUFFile(self.path)
         self.spec = ModelSpec.from_metadata(self.file.metadata, self.path)
@@ -93,9 +97,12 @@ class Model:
 
         x = w.token_embd.lookup(ids)
         a = np.empty((m, e), np.float32)
-        q_e = np.empty((m, padded_k(e)), np.int16)
-        q_f = np.empty((m, padded_k(s.n_ff)), np.int16)
+        mp = -(-m // M_ALIGN) * M_ALIGN
+        q_e = np.empty((mp, padded_k(e)), np.int8)
+        q_f = np.empty((mp, padded_k(s.n_ff)), np.int8)
         xs = np.empty(m, np.float32)
+        qsum = np.empty(mp, np.int32)
+        lin = functools.partial(_bitlinear, xscale=xs, qsum=qsum, path=self.kernel)
         qkv = np.empty((m, e + 2 * ekv), np.float32)
         att = np.empty((m, s.n_head, hd), np.float32)
         proj = np.empty((m, e), np.float32)
@@ -106,7 +113,7 @@ class Model:
         for li, L in enumerate(w.layers):
             # attention: norm -> int8 -> q,k,v -> rope -> cache -> attend -> sub-norm -> Wo
             ops.rmsnorm(a, x, L.attn_norm, s.rms_eps)
-            _bitlinear(qkv, a, q_e, xs, L.qkv)
+            lin(qkv, a, q_e, L.qkv)
             q = np.ascontiguousarray(qkv[:, :e].reshape(m, s.n_head, hd))
             k = np.ascontiguousarray(qkv[:, e:e + ekv].reshape(m, s.n_head_kv, hd))
             ops.rope_neox(q, cos, sin)
@@ -115,14 +122,14 @@ class Model:
             cache.v[li, :, first:n_keys] = qkv[:, e + ekv:].reshape(m, s.n_head_kv, hd).transpose(1, 0, 2)
             attn_k.attention(att, q, cache.k[li], cache.v[li], cache.pos, n_keys, pos, block, scale)
             ops.rmsnorm(a, att.reshape(m, e), L.attn_sub_norm, s.rms_eps)
-            _bitlinear(proj, a, q_e, xs, L.o)
+            lin(proj, a, q_e, L.o)
             ops.add_inplace(x, proj)
             # feed-forward: norm -> int8 -> gate,up -> act(gate)*up -> sub-norm -> Wdown
             ops.rmsnorm(a, x, L.ffn_norm, s.rms_eps)
-            _bitlinear(gu, a, q_e, xs, L.gate_up)
+            lin(gu, a, q_e, L.gate_up)
             act(g, gu, s.n_ff)
             ops.rmsnorm(g, g, L.ffn_sub_norm, s.rms_eps)
-            _bitlinear(proj, g, q_f, xs, L.down)
+            lin(proj, g, q_f, L.down)
             ops.add_inplace(x, proj)
         cache.length = n_keys
 
@@ -158,12 +165,17 @@ class Model:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
 
 
-def _bitlinear(out: np.ndarray, x: np.ndarray, q: np.ndarray, xs: np.ndarray, w: Ternary) -> None:
+def _bitlinear(out: np.ndarray, x: np.ndarray, q: np.ndarray, w: Ternary, xscale: np.ndarray,
+               qsum: np.ndarray, path: str) -> None:
     """out = W x with x quantized per row to int8 (BitNet's BitLinear)."""
-    ops.quantize_rows(q, xs, x)
-    ternary_matmul_kernel(out, q, xs, w.packed, w.scales, w.group)
+    ops.quantize_rows(q, xscale, qsum, x)
+    ternary_matmul(out, q, qsum, xscale, w.packed, w.scales, w.group, path)
 
 
-def load_model(path: str, threads: int | None = None, progress: bool = False) -> Model:
-    """Load a BitNet GGUF model (TQ1_0, TQ2_0 or I2_S ternary weights)."""
-    return Model(path, threads=threads, progress=progress)
+def load_model(path: str, threads: int | None = None, progress: bool = False,
+               kernel: str | None = None) -> Model:
+    """Load a BitNet GGUF model (TQ1_0, TQ2_0 or I2_S ternary weights).
+
+    kernel forces an int8 instruction path (vnni512, vnni256, avx2, portable); default: the
+    fastest this CPU supports, or $DLMNUMBA_KERNEL."""
+    return Model(path, threads=threads, progress=progress, kernel=kernel)

@@ -1,0 +1,103 @@
+"""int8 dot-product micro-kernels emitted as LLVM IR through a numba intrinsic.
+
+dot_tile(path, u_addr, u_stride, s_addr, s_stride, n_steps, acc_addr) adds to a 4 x 4 tile
+    acc[i * 4 + j, :] += lanes of sum_k U[i, k] * S[j, k]       (int32, k < 64 * n_steps)
+where U rows are unsigned bytes starting at u_addr + i * u_stride, S rows signed bytes starting
+at s_addr + j * s_stride, and acc is int32 [16, ACC_LANES]: each pair keeps its partial sums in
+vector lanes (the path's lane count; the rest stay untouched), so a long k can be split into
+cache-sized chunks and the lanes are summed once at the end (reduce_tile).  `path` is a compile-time literal index into PATHS, so only
+that path's instructions are emitted (callers pass numba.literally(path)); each path is a
+separate compiled (and cached) specialization.
+
+  vnni512  `vpdpbusd` on 512-bit registers (AVX512-VNNI): 64 u8 x s8 products per instruction;
+  vnni256  `vpdpbusd` on 256-bit registers (AVX-VNNI, or AVX512-VNNI with VL);
+  avx2     `vpmaddubsw` (adjacent u8 x s8 pairs summed to int16, saturating) then `vpmaddwd`
+           by ones: exact only while |u0*s0 + u1*s1| < 2^15, i.e. for ternary codes (u <= 2)
+           against int8 activations, not for u8 activations against int8 weights.
+The 16 accumulators of a tile live in registers (allocas that LLVM promotes), so each 64-byte
+step loads 4 + 4 vectors and issues 16 dot-product instructions.
+"""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+PATHS = ("vnni512", "vnni256", "avx2")  # index = the literal `path` argument of dot_tile
+TILE = 4  # rows of U and of S per tile
+STEP = 64  # bytes of k consumed per step
+ACC_LANES = 16  # int32 lanes kept per (i, j) pair in the accumulator buffer
+
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+
+
+@intrinsic
+def dot_tile(typingctx, path, u_addr, u_stride, s_addr, s_stride, n_steps, acc_addr):
+    """The 4 x 4 int8 dot-product tile of instruction path PATHS[path] (path: literal int)."""
+    if not isinstance(path, types.IntegerLiteral):
+        return None
+    sig = types.void(path, types.intp, types.intp, types.intp, types.intp, types.intp,
+                     types.intp)
+    return sig, _codegen(PATHS[path.literal_value])
+
+
+def _declare(module, name, ret, args):
+    return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
+
+
+def _codegen(path: str):
+    """LLVM IR emitter of dot_tile for one instruction path."""
+    lanes, width = {"vnni512": (16, 512), "vnni256": (8, 256), "avx2": (8, 256)}[path]
+    acc_t = ir.VectorType(_I32, lanes)
+    byte_t = ir.VectorType(_I8, width // 8)
+    i16_t = ir.VectorType(_I16, width // 16)
+    vec_bytes = width // 8
+
+    def codegen(context, builder, signature, args):
+        _, ua, us, sa, ss, n, oa = args
+        mod = builder.module
+        if path == "avx2":
+            maddubs = _declare(mod, "llvm.x86.avx2.pmadd.ub.sw", i16_t, [byte_t, byte_t])
+            maddwd = _declare(mod, "llvm.x86.avx2.pmadd.wd", acc_t, [i16_t, i16_t])
+            ones = ir.Constant(i16_t, [1] * (width // 16))
+        else:
+            dp = _declare(mod, f"llvm.x86.avx512.vpdpbusd.{width}", acc_t, [acc_t] * 3)
+
+        def load(base, offset):
+            ptr = builder.bitcast(builder.gep(base, [offset]), byte_t.as_pointer())
+            return builder.load(ptr, align=1)
+
+        u_base = builder.inttoptr(ua, _I8.as_pointer())
+        s_base = builder.inttoptr(sa, _I8.as_pointer())
+        acc_base = builder.inttoptr(oa, _I32.as_pointer())
+
+        def acc_ptr(i, j):
+            p = builder.gep(acc_base, [ir.Constant(_I64, (i * TILE + j) * ACC_LANES)])
+            return builder.bitcast(p, acc_t.as_pointer())
+
+        accs = [[cgutils.alloca_once_value(builder, builder.load(acc_ptr(i, j), align=4))
+                 for j in range(TILE)] for i in range(TILE)]
+        with cgutils.for_range(builder, n) as loop:
+            k0 = builder.mul(loop.index, ir.Constant(_I64, STEP))
+            for part in range(STEP // vec_bytes):
+                k = builder.add(k0, ir.Constant(_I64, part * vec_bytes))
+                uv = [load(u_base, builder.add(k, builder.mul(us, ir.Constant(_I64, i))))
+                      for i in range(TILE)]
+                sv = [load(s_base, builder.add(k, builder.mul(ss, ir.Constant(_I64, j))))
+                      for j in range(TILE)]
+                for i in range(TILE):
+                    for j in range(TILE):
+                        a = builder.load(accs[i][j])
+                        if path == "avx2":
+                            pairs = builder.call(maddubs, [uv[i], sv[j]])
+                            r = builder.add(a, builder.call(maddwd, [pairs, ones]))
+                        else:
+                            r = builder.call(dp, [a, builder.bitcast(uv[i], acc_t),
+                                                  builder.bitcast(sv[j], acc_t)])
+                        builder.store(r, accs[i][j])
+        for i in range(TILE):
+            for j in range(TILE):
+                builder.store(builder.load(accs[i][j]), acc_ptr(i, j), align=4)
+        return context.get_dummy_value()
+
+    return codegen
