@@ -132,7 +132,8 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
 # -- settings shared by generate and bench --------------------------------------------------
 # option name -> dotted config key (max_tokens is mapped per command)
 SETTING_KEYS = {
-    "model": "model_path", "threads": "threads", "mode": "dlm.decode_mode",
+    "model": "model_path", "threads": "threads", "kernel": "kernel", "lm_head": "lm_head",
+    "mode": "dlm.decode_mode",
     "block_size": "dlm.block_size", "small_block_size": "dlm.small_block_size",
     "threshold": "dlm.threshold", "max_iterations_per_block": "dlm.max_iterations_per_block",
     "mask_token_id": "dlm.mask_token_id", "attention": "dlm.attention",
@@ -163,6 +164,11 @@ def decode_options(fn):
                      help="normal: the cache holds real tokens only. none: the seed's scheduling "
                           "with stale mask K/V, for speed comparisons; output quality suffers."),
         click.option("--threads", type=int, help="Threads (default: physical cores)."),
+        click.option("--kernel", type=click.Choice(["auto", "vnni512", "vnni256", "avx2",
+                                                    "portable"]),
+                     help="int8 kernel instruction path (default: the fastest this CPU has)."),
+        click.option("--lm-head", type=click.Choice(["exact", "int8"]),
+                     help="exact: the stored embedding; int8: quantized per row (faster)."),
         click.option("--temperature", type=float, help="0 = greedy argmax."),
         click.option("--top-k", type=int, help="Sample from the k most likely (0 = off)."),
         click.option("--top-p", type=float, help="Nucleus sampling mass (1 = off)."),
@@ -198,7 +204,8 @@ def _open_model(cfg):
             write_synthetic(path, progress=_progress(), **spec)
         click.echo(f"model: built-in default {path.name} (BitNet 2B-4T shapes, random weights: "
                    "its text is noise; pass --model for a real model)", err=True)
-    return load_model(str(path), threads=cfg.threads, progress=_progress())
+    return load_model(str(path), threads=cfg.threads, progress=_progress(),
+                      kernel=None if cfg.kernel == "auto" else cfg.kernel, lm_head=cfg.lm_head)
 
 
 def _generator(model, cfg, max_tokens: int):

@@ -117,6 +117,12 @@ class Config:
                    (lambda v: v != "", "must not be empty"))
     port: int = _f(30000, "HTTP port.", (lambda v: 1 <= v <= 65535, "must be in 1..65535"))
     threads: int | None = _f(None, "Compute threads; null = physical cores.", NULL_OR_POSITIVE)
+    kernel: str = _f("auto", "int8 kernel instruction path: auto (fastest this CPU has), vnni512, "
+                             "vnni256, avx2 or portable.",
+                     choices=("auto", "vnni512", "vnni256", "avx2", "portable"))
+    lm_head: str = _f("exact", "LM head: exact (the file's embedding as stored) or int8 "
+                               "(quantized per row at load; faster, logits differ slightly).",
+                      choices=("exact", "int8"))
     dlm: DlmConfig = _section(DlmConfig, "Diffusion decoding.")
     sampling: SamplingConfig = _section(SamplingConfig, "Sampling.")
     scheduler: SchedulerConfig = _section(SchedulerConfig, "Scheduler.")

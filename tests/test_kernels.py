@@ -212,3 +212,41 @@ def test_every_kernel_path_is_exact(path, m, k, n):
     ternary_matmul(out, q, qsum, xs, pack_codes(codes), scales, kp, path)
     expect = (acc.astype(np.float32) * scales[:, 0]) / xs[:, None]
     assert np.array_equal(out, expect)
+
+
+@pytest.mark.parametrize("path", ["vnni512", "vnni256", "generic"])
+def test_int8_lm_head_exact_and_fused(path):
+    """int8 LM head vs the integer reference; fused argmax/confidence vs the full logits."""
+    from dlmnumba.kernels.dispatch import supported_paths
+    from dlmnumba.kernels.lm_head import LM_HEAD, LM_ROWS, combine_partials
+    if NO_JIT:
+        pytest.skip("LLVM intrinsics need the JIT")
+    if path != "generic" and path not in supported_paths():
+        pytest.skip(f"this CPU cannot execute the {path} path")
+    rng = np.random.default_rng(11)
+    m, k, v = 6, 256, 301  # v not a multiple of the tile or of LM_ROWS
+    e8 = np.zeros((304, k), np.int8)
+    e8[:v] = rng.integers(-128, 128, (v, k))
+    e_inv = rng.uniform(50, 200, v).astype(np.float32)
+    e_sum = e8[:v].astype(np.int32).sum(1).astype(np.int32)
+    q = rng.integers(-128, 128, (m, k))
+    u = np.full((8, k), 128, np.uint8)
+    u[:m] = q + 128
+    xs = rng.uniform(50, 200, m).astype(np.float32)
+    logits = np.empty((m, v), np.float32)
+    n_tasks = -(-v // LM_ROWS)
+    part = np.empty((n_tasks, m, 3))
+    LM_HEAD[path](logits, part, u, xs, e8, e_inv, e_sum, -1)
+    dot = q.astype(np.int64) @ e8[:v].astype(np.int64).T
+    assert np.array_equal(logits, dot.astype(np.float32) / (xs[:, None] * e_inv[None, :]))
+    for exclude in (-1, int(logits[0].argmax())):
+        LM_HEAD[path](np.empty((0, 0), np.float32), part, u, xs, e8, e_inv, e_sum, exclude)
+        tok, conf = np.empty(m, np.int64), np.empty(m, np.float32)
+        combine_partials(tok, conf, part)
+        ref = logits.astype(np.float64)
+        if exclude >= 0:
+            ref[:, exclude] = -np.inf
+        p = np.exp(ref - ref.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        assert np.array_equal(tok, ref.argmax(1))
+        np.testing.assert_allclose(conf, p.max(1), rtol=1e-5)

@@ -178,33 +178,36 @@ class Generator:
         """Write the pending tokens' K/V into the generation's cache (one forward pass)."""
         if gen.pending:
             block = self.settings.block_size if self._attention() == "block" else None
-            self.model.forward(gen.pending, None, gen.cache, self._attention(), block, rows=[])
+            self.model.forward_hidden(gen.pending, None, gen.cache, self._attention(), block,
+                                      rows=[])
             gen.pending = []
 
     # -- decoding loops: each yields the tokens it commits, in position order -------------------
     def _attention(self) -> str:
         return "causal" if self.settings.mode == "ar" else self.settings.attention
 
-    def _forward(self, tokens, pos0: int, cache: KVCache, rows) -> np.ndarray:
+    def _decide(self, tokens, pos0: int, cache: KVCache, rows) -> tuple[np.ndarray, np.ndarray]:
+        """One forward pass; the token picked for each of `rows` and its confidence.  Greedy
+        picks use the model's fused LM-head argmax; the mask token is never picked."""
         self.stats.forward_passes += 1
         att = self._attention()
         positions = np.arange(pos0, pos0 + len(tokens), dtype=np.int32)
-        return self.model.forward(tokens, positions, cache, att,
-                                  self.settings.block_size if att == "block" else None, rows)
-
-    def _pick(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        block = self.settings.block_size if att == "block" else None
+        if self.settings.sampling.temperature <= 0.0:
+            return self.model.forward_argmax(tokens, positions, cache, att, block, rows,
+                                             exclude=self.mask_id)
+        logits = self.model.forward(tokens, positions, cache, att, block, rows)
         if self.mask_id is not None:  # committing a mask token would be meaningless
             logits[:, self.mask_id] = -np.inf
         return pick_tokens(logits, self.settings.sampling, self._rng)
 
     def _ar(self, prompt: list[int], cache: KVCache) -> Iterator[list[int]]:
         """One token per forward pass, causal attention."""
-        logits = self._forward(prompt, 0, cache, [len(prompt) - 1])
+        tok = int(self._decide(prompt, 0, cache, [len(prompt) - 1])[0][0])
         pos = len(prompt)
         while True:
-            tok = int(self._pick(logits)[0][0])
             yield [tok]
-            logits = self._forward([tok], pos, cache, [0])
+            tok = int(self._decide([tok], pos, cache, [0])[0][0])
             pos += 1
 
     def _seed_replay(self, prompt: list[int], cache: KVCache) -> Iterator[list[int]]:
@@ -213,15 +216,14 @@ class Generator:
         cache slot at p-1 (at first the last prompt token's, later the previous block's last
         mask) and leaves every other mask's stale K/V in place."""
         s = self.settings
-        logits = self._forward(prompt, 0, cache, [len(prompt) - 1])
-        prev = int(self._pick(logits)[0][0])
+        prev = int(self._decide(prompt, 0, cache, [len(prompt) - 1])[0][0])
         yield [prev]
         p = len(prompt)
         while True:
             cache.truncate(p - 1)
             batch = [prev] + [self.mask_id] * s.block_size
-            logits = self._forward(batch, p - 1, cache, list(range(s.block_size)))
-            new = [int(t) for t in self._pick(logits)[0]]
+            new = [int(t) for t in self._decide(batch, p - 1, cache,
+                                                list(range(s.block_size)))[0]]
             yield new
             prev, p = new[-1], p + s.block_size
 
@@ -252,7 +254,7 @@ class Generator:
         best_tok = np.zeros(n, np.int64)
         best_conf = np.full(n, -1.0, np.float32)
         sub = s.small_block_size if s.mode in ("iterative", "adaptive") else s.block_size
-        saved_row = None  # logits of position start-1 (fixed once the block starts)
+        saved = None  # pick of position start-1's row (fixed once the block starts)
         first, passes, step, active_sub = True, 0, 0, -1
         while masked.any():
             pos0 = cache.length if first else start
@@ -260,15 +262,14 @@ class Generator:
             idx = np.flatnonzero(masked)  # block indices still masked
             row_pos = pos + idx - (1 if shift else 0)  # the logit row predicting each of them
             in_pass = row_pos >= pos0
-            logits = self._forward(seq, pos0, cache, (row_pos[in_pass] - pos0).tolist())
+            tok, conf = self._decide(seq, pos0, cache, (row_pos[in_pass] - pos0).tolist())
             cache.truncate(start)  # K/V from `start` on saw masks: drop them
             if not in_pass.all():  # only position start-1 can precede the pass
-                logits = np.concatenate([saved_row, logits])
+                tok, conf = np.concatenate([saved[0], tok]), np.concatenate([saved[1], conf])
             elif first and shift and pos == start and pos0 < start:
-                saved_row = logits[:1].copy()
+                saved = (tok[:1].copy(), conf[:1].copy())
             first = False
             passes += 1
-            tok, conf = self._pick(logits)
             better = conf > best_conf[idx]
             best_tok[idx[better]], best_conf[idx[better]] = tok[better], conf[better]
             # refine the first sub-block (aligned at absolute positions) that still has masks

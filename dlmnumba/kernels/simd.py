@@ -13,7 +13,9 @@ separate compiled (and cached) specialization.
   vnni256  `vpdpbusd` on 256-bit registers (AVX-VNNI, or AVX512-VNNI with VL);
   avx2     `vpmaddubsw` (adjacent u8 x s8 pairs summed to int16, saturating) then `vpmaddwd`
            by ones: exact only while |u0*s0 + u1*s1| < 2^15, i.e. for ternary codes (u <= 2)
-           against int8 activations, not for u8 activations against int8 weights.
+           against int8 activations, not for u8 activations against int8 weights;
+  generic  plain LLVM vector IR (widen to int32, multiply, add) that any target lowers,
+           ARM included: exact for every operand, slower.
 The 16 accumulators of a tile live in registers (allocas that LLVM promotes), so each 64-byte
 step loads 4 + 4 vectors and issues 16 dot-product instructions.
 """
@@ -23,7 +25,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-PATHS = ("vnni512", "vnni256", "avx2")  # index = the literal `path` argument of dot_tile
+PATHS = ("vnni512", "vnni256", "avx2", "generic")  # index = the literal `path` argument
 TILE = 4  # rows of U and of S per tile
 STEP = 64  # bytes of k consumed per step
 ACC_LANES = 16  # int32 lanes kept per (i, j) pair in the accumulator buffer
@@ -47,7 +49,8 @@ def _declare(module, name, ret, args):
 
 def _codegen(path: str):
     """LLVM IR emitter of dot_tile for one instruction path."""
-    lanes, width = {"vnni512": (16, 512), "vnni256": (8, 256), "avx2": (8, 256)}[path]
+    lanes, width = {"vnni512": (16, 512), "vnni256": (8, 256), "avx2": (8, 256),
+                    "generic": (16, 128)}[path]
     acc_t = ir.VectorType(_I32, lanes)
     byte_t = ir.VectorType(_I8, width // 8)
     i16_t = ir.VectorType(_I16, width // 16)
@@ -56,7 +59,9 @@ def _codegen(path: str):
     def codegen(context, builder, signature, args):
         _, ua, us, sa, ss, n, oa = args
         mod = builder.module
-        if path == "avx2":
+        if path == "generic":
+            wide_t = ir.VectorType(_I32, 16)
+        elif path == "avx2":
             maddubs = _declare(mod, "llvm.x86.avx2.pmadd.ub.sw", i16_t, [byte_t, byte_t])
             maddwd = _declare(mod, "llvm.x86.avx2.pmadd.wd", acc_t, [i16_t, i16_t])
             ones = ir.Constant(i16_t, [1] * (width // 16))
@@ -88,7 +93,11 @@ def _codegen(path: str):
                 for i in range(TILE):
                     for j in range(TILE):
                         a = builder.load(accs[i][j])
-                        if path == "avx2":
+                        if path == "generic":
+                            prod = builder.mul(builder.zext(uv[i], wide_t),
+                                               builder.sext(sv[j], wide_t))
+                            r = builder.add(a, prod)
+                        elif path == "avx2":
                             pairs = builder.call(maddubs, [uv[i], sv[j]])
                             r = builder.add(a, builder.call(maddwd, [pairs, ones]))
                         else:

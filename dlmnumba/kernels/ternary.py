@@ -180,7 +180,7 @@ def _simd_avx2(out, q, qsum, xscale, packed, scales):
 
 
 SIMD_MATMUL = {"vnni512": _simd_vnni512, "vnni256": _simd_vnni256, "avx2": _simd_avx2}
-assert tuple(SIMD_MATMUL) == SIMD_PATHS
+assert all(SIMD_PATHS.index(p) == i for i, p in enumerate(SIMD_MATMUL))  # literals above
 
 
 def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.ndarray,

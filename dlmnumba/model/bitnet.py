@@ -17,18 +17,24 @@ from ..kernels.cpu import set_threads
 from ..kernels.dispatch import select_path
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .kv_cache import KVCache
-from .weights import Ternary, Weights, load_weights
+from ..kernels.lm_head import (LM_HEAD, LM_ROWS, TILE_PATH, combine_partials,
+                               quantize_activations_u8)
+from .weights import Int8Head, Ternary, Weights, load_weights, quantize_head
 
 ATTENTION_MODES = ("causal", "block")
+LM_HEADS = ("exact", "int8")
 
 
 class Model:
     """A loaded BitNet model: spec, tokenizer, packed weights, and the forward pass."""
 
     def __init__(self, path: str, threads: int | None = None, progress: bool = False,
-                 kernel: str | None = None):
+                 kernel: str | None = None, lm_head: str = "exact"):
         t0 = time.perf_counter()
         self.kernel = select_path(kernel)  # int8 matmul instruction path (kernels/dispatch.py)
+        if lm_head not in LM_HEADS:
+            raise ValueError(f"lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
+        self.lm_head = lm_head
         self.path = str(path)
         self.file = GGUFFile(self.path)
         self.spec = ModelSpec.from_metadata(self.file.metadata, self.path)
@@ -43,6 +49,8 @@ class Model:
         finally:
             if bar is not None:
                 bar.close()
+        self.head8: Int8Head | None = (quantize_head(self.weights.output)
+                                       if lm_head == "int8" else None)
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -69,10 +77,49 @@ class Model:
         'block' (bidirectional inside blocks of block_size aligned at absolute positions, causal
         across).  rows selects which batch rows get logits (default all): float32 [R, n_vocab].
         """
+        return self.project(self.forward_hidden(tokens, positions, cache, attention, block_size,
+                                                rows))
+
+    def forward_argmax(self, tokens, positions, cache, attention="causal", block_size=None,
+                       rows=None, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Like forward() but returns, per row, the argmax token and its softmax probability
+        (token `exclude` left out); the int8 head fuses this and never builds the logits."""
         h = self.forward_hidden(tokens, positions, cache, attention, block_size, rows)
+        n = h.shape[0]
+        tok, conf = np.empty(n, np.int64), np.empty(n, np.float32)
+        if n == 0:
+            return tok, conf
+        if self.head8 is None:
+            logits = self.project(h)
+            if exclude is not None:
+                logits[:, exclude] = -np.inf
+            ops.argmax_confidence(tok, conf, logits)
+            return tok, conf
+        part = self._head8(h, np.empty((0, 0), np.float32), -1 if exclude is None else exclude)
+        combine_partials(tok, conf, part)
+        return tok, conf
+
+    def project(self, h: np.ndarray) -> np.ndarray:
+        """Logits [M, n_vocab] of final-normed hidden states h[M, n_embd]."""
         out = np.empty((h.shape[0], self.weights.output.n_rows), np.float32)
-        self.weights.output.project(out, h)
+        if self.head8 is None:
+            self.weights.output.project(out, h)
+        else:
+            self._head8(h, out, -1)
         return out
+
+    def _head8(self, h: np.ndarray, logits: np.ndarray, exclude: int) -> np.ndarray:
+        """Run the int8 LM head: into logits, or (logits of width 0) fused partials."""
+        m = h.shape[0]
+        mp = -(-m // M_ALIGN) * M_ALIGN
+        hd = self.head8
+        u = np.empty((mp, hd.e8.shape[1]), np.uint8)
+        xs = np.empty(m, np.float32)
+        quantize_activations_u8(u, xs, h)
+        n_tasks = -(-hd.e_inv.shape[0] // LM_ROWS)
+        part = np.empty((n_tasks, m, 3), np.float64)
+        LM_HEAD[TILE_PATH[self.kernel]](logits, part, u, xs, hd.e8, hd.e_inv, hd.e_sum, exclude)
+        return part
 
     def forward_hidden(self, tokens, positions, cache, attention="causal", block_size=None,
                        rows=None) -> np.ndarray:
@@ -173,9 +220,10 @@ def _bitlinear(out: np.ndarray, x: np.ndarray, q: np.ndarray, w: Ternary, xscale
 
 
 def load_model(path: str, threads: int | None = None, progress: bool = False,
-               kernel: str | None = None) -> Model:
+               kernel: str | None = None, lm_head: str = "exact") -> Model:
     """Load a BitNet GGUF model (TQ1_0, TQ2_0 or I2_S ternary weights).
 
     kernel forces an int8 instruction path (vnni512, vnni256, avx2, portable); default: the
-    fastest this CPU supports, or $DLMNUMBA_KERNEL."""
-    return Model(path, threads=threads, progress=progress, kernel=kernel)
+    fastest this CPU supports, or $DLMNUMBA_KERNEL.  lm_head 'exact' keeps the stored
+    embedding (F16/F32/...) for the logits; 'int8' quantizes it per row at load (VNNI path)."""
+    return Model(path, threads=threads, progress=progress, kernel=kernel, lm_head=lm_head)

@@ -101,6 +101,30 @@ class Embedding:
             np.matmul(h, self.rows_f32(start, stop).T, out=out[:, start:stop])
 
 
+class Int8Head(NamedTuple):
+    """The LM head quantized to int8 per row (kernels/lm_head.py)."""
+
+    e8: np.ndarray  # int8 [Vp, Kp], rows padded to a multiple of 4 with zeros
+    e_inv: np.ndarray  # float32 [V]: 127 / max|row| (the row's quantization scale)
+    e_sum: np.ndarray  # int32 [V]: sum of the row's int8 values (unsigned-offset correction)
+
+
+def quantize_head(emb: Embedding, chunk: int = 8192) -> Int8Head:
+    """Quantize the LM head per row to int8, the way activations are (absmax, half-even)."""
+    from ..kernels.ops import quantize_rows
+
+    kp = padded_k(emb.n_cols)
+    vp = -(-emb.n_rows // 4) * 4
+    e8 = np.zeros((vp, kp), np.int8)
+    e_inv = np.empty(emb.n_rows, np.float32)
+    e_sum = np.empty(emb.n_rows, np.int32)
+    for start in range(0, emb.n_rows, chunk):
+        stop = min(emb.n_rows, start + chunk)
+        quantize_rows(e8[start:stop], e_inv[start:stop], e_sum[start:stop],
+                      np.ascontiguousarray(emb.rows_f32(start, stop)))
+    return Int8Head(e8, e_inv, e_sum)
+
+
 @dataclass
 class Weights:
     """All weights of a BitNet model."""

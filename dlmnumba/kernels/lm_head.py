@@ -1,0 +1,134 @@
+"""int8 LM head: logits = E h with E quantized to int8 per row (at load) and h per token.
+
+The final hidden state h[M, E] is quantized per token like a BitLinear input (q = rint(h * s),
+s = 127 / max|h|) and shifted to unsigned (u = q + 128, the unsigned operand of vpdpbusd);
+the embedding rows are int8 e8 with their own s_e.  sum u e8 = sum q e8 + 128 sum e8, so
+    logit[m, r] = (dot(u_m, e8_r) - 128 * esum[r]) / (s[m] * s_e[r]).
+`lm_head_int8` either writes logits[M, V] or, fused, keeps per task a running max, its index
+and the sum of exp(logit - max) per token (online softmax), so greedy decoding never
+materialises M x V floats; `combine_partials` merges the tasks' partials in an explicit step.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+from .cpu import jit, pjit
+from .simd import ACC_LANES, PATHS as SIMD_PATHS
+from .simd import STEP, TILE, dot_tile
+
+LM_ROWS = 64  # vocabulary rows per parallel task
+K_CHUNK = 1024  # bytes of k per pass, as in the ternary kernel
+U_OFFSET = 128  # added to int8 activations to make them unsigned
+# CPU path -> tile path: avx2's vpmaddubsw would saturate on u8 x s8 products, so it and the
+# portable path use the generic vector IR tile
+TILE_PATH = {"vnni512": "vnni512", "vnni256": "vnni256", "avx2": "generic",
+             "portable": "generic"}
+
+
+@pjit
+def lm_head_int8(path, logits, part, u, xscale, e8, e_inv, e_sum, exclude):
+    # logits[M, V] = (u . e8 - 128 esum) / (xscale e_inv), or (fused: logits.shape[1] == 0)
+    # part[task, M, 3] = (max logit, sum exp(logit - max), argmax) over the task's rows,
+    # row `exclude` left out (-1: none).  u[Mp, Kp] uint8, e8[Vp, Kp] int8 (Vp % 4 == 0).
+    m_rows = xscale.shape[0]
+    mp, kp = u.shape
+    v = e_inv.shape[0]
+    fused = logits.shape[1] == 0
+    lit = numba.literally(path)
+    n_m = mp // TILE
+    for t in prange((v + LM_ROWS - 1) // LM_ROWS):
+        acc = np.zeros((LM_ROWS // TILE, n_m, TILE * TILE, ACC_LANES), np.int32)
+        r0 = t * LM_ROWS
+        nr = min(LM_ROWS, v - r0)
+        n_j = (nr + TILE - 1) // TILE
+        for k0 in range(0, kp, K_CHUNK):
+            steps = (min(kp, k0 + K_CHUNK) - k0) // STEP
+            for mt in range(n_m):
+                for jt in range(n_j):
+                    dot_tile(lit, u.ctypes.data + mt * TILE * kp + k0, kp,
+                             e8.ctypes.data + (r0 + jt * TILE) * kp + k0, kp, steps,
+                             acc[jt, mt].ctypes.data)
+        for m in range(m_rows):
+            mt, i = divmod(m, TILE)
+            mx = -np.inf
+            total = 0.0
+            arg = -1
+            for r in range(r0, r0 + nr):
+                jt, j = divmod(r - r0, TILE)
+                dot = np.int32(0)
+                for lane in range(ACC_LANES):
+                    dot += acc[jt, mt, i * TILE + j, lane]
+                x = np.float32(dot - U_OFFSET * e_sum[r]) / (xscale[m] * e_inv[r])
+                if not fused:
+                    logits[m, r] = x
+                elif r != exclude:
+                    if x > mx:
+                        total = total * np.exp(mx - np.float64(x)) + 1.0
+                        mx = np.float64(x)
+                        arg = r
+                    else:
+                        total += np.exp(np.float64(x) - mx)
+            if fused:
+                part[t, m, 0] = mx
+                part[t, m, 1] = total
+                part[t, m, 2] = arg
+
+
+@jit
+def combine_partials(tokens, conf, part):
+    # tokens[M], conf[M] <- argmax and its softmax probability from per-task partials
+    n_tasks, m_rows, _ = part.shape
+    for m in range(m_rows):
+        mx = -np.inf
+        arg = -1
+        for t in range(n_tasks):
+            if part[t, m, 0] > mx:
+                mx = part[t, m, 0]
+                arg = int(part[t, m, 2])
+        total = 0.0
+        for t in range(n_tasks):
+            if part[t, m, 2] >= 0:
+                total += part[t, m, 1] * np.exp(part[t, m, 0] - mx)
+        tokens[m] = arg
+        conf[m] = 1.0 / total
+
+
+@jit
+def quantize_activations_u8(u, xscale, h):
+    # u[Mp, Kp] uint8 = rint(h * s) + 128 per row (s = 127 / max|h|), padding = 128 (zero)
+    m_rows, k = h.shape
+    for m in range(u.shape[0]):
+        if m >= m_rows:
+            u[m, :] = U_OFFSET
+            continue
+        amax = np.float32(1e-5)
+        for i in range(k):
+            amax = max(amax, abs(h[m, i]))
+        s = np.float32(127.0) / amax
+        xscale[m] = s
+        for i in range(k):
+            u[m, i] = np.uint8(np.int32(min(max(np.rint(h[m, i] * s), -128.0), 127.0)) + U_OFFSET)
+        for i in range(k, u.shape[1]):
+            u[m, i] = U_OFFSET
+
+
+# one entry point per tile path (constant literal: compiled on first use only)
+@jit
+def _lm_vnni512(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
+    lm_head_int8(0, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
+
+
+@jit
+def _lm_vnni256(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
+    lm_head_int8(1, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
+
+
+@jit
+def _lm_generic(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
+    lm_head_int8(3, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
+
+
+LM_HEAD = {"vnni512": _lm_vnni512, "vnni256": _lm_vnni256, "generic": _lm_generic}
+assert all(SIMD_PATHS.index(p) == i for i, p in ((0, "vnni512"), (1, "vnni256"), (3, "generic")))
