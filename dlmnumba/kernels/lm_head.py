@@ -16,7 +16,7 @@ from numba import prange
 
 from .cpu import jit, pjit
 from .simd import ACC_LANES, PATHS as SIMD_PATHS
-from .simd import STEP, TILE, dot_tile
+from .simd import STEP, TILE, dot_tile, f16_tile
 
 LM_ROWS = 64  # vocabulary rows per parallel task
 K_CHUNK = 1024  # bytes of k per pass, as in the ternary kernel
@@ -27,15 +27,42 @@ TILE_PATH = {"vnni512": "vnni512", "vnni256": "vnni256", "avx2": "generic",
              "portable": "generic"}
 
 
+@jit
+def _emit(blk, logits, part, t, r0, exclude):
+    # task t's logits blk[M, nr] (rows r0..) -> logits[:, r0:r0+nr], or (fused: logits of
+    # width 0) part[t, m] = (max, sum exp(x - max), argmax) with row `exclude` left out
+    m_rows, nr = blk.shape
+    if logits.shape[1] != 0:
+        for m in range(m_rows):
+            for c in range(nr):
+                logits[m, r0 + c] = blk[m, c]
+        return
+    for m in range(m_rows):
+        mx = -np.inf
+        total = 0.0
+        arg = -1
+        for c in range(nr):
+            if r0 + c == exclude:
+                continue
+            x = np.float64(blk[m, c])
+            if x > mx:
+                total = total * np.exp(mx - x) + 1.0
+                mx = x
+                arg = r0 + c
+            else:
+                total += np.exp(x - mx)
+        part[t, m, 0] = mx
+        part[t, m, 1] = total
+        part[t, m, 2] = arg
+
+
 @pjit
 def lm_head_int8(path, logits, part, u, xscale, e8, e_inv, e_sum, exclude):
-    # logits[M, V] = (u . e8 - 128 esum) / (xscale e_inv), or (fused: logits.shape[1] == 0)
-    # part[task, M, 3] = (max logit, sum exp(logit - max), argmax) over the task's rows,
-    # row `exclude` left out (-1: none).  u[Mp, Kp] uint8, e8[Vp, Kp] int8 (Vp % 4 == 0).
+    # logits[M, V] = (u . e8 - 128 esum) / (xscale e_inv), or fused partials (see _emit)
+    # u[Mp, Kp] uint8, e8[Vp, Kp] int8 (Vp % 4 == 0)
     m_rows = xscale.shape[0]
     mp, kp = u.shape
     v = e_inv.shape[0]
-    fused = logits.shape[1] == 0
     lit = numba.literally(path)
     n_m = mp // TILE
     for t in prange((v + LM_ROWS - 1) // LM_ROWS):
@@ -50,30 +77,50 @@ def lm_head_int8(path, logits, part, u, xscale, e8, e_inv, e_sum, exclude):
                     dot_tile(lit, u.ctypes.data + mt * TILE * kp + k0, kp,
                              e8.ctypes.data + (r0 + jt * TILE) * kp + k0, kp, steps,
                              acc[jt, mt].ctypes.data)
+        blk = np.empty((m_rows, nr), np.float32)
         for m in range(m_rows):
             mt, i = divmod(m, TILE)
-            mx = -np.inf
-            total = 0.0
-            arg = -1
-            for r in range(r0, r0 + nr):
-                jt, j = divmod(r - r0, TILE)
+            for c in range(nr):
+                jt, j = divmod(c, TILE)
                 dot = np.int32(0)
                 for lane in range(ACC_LANES):
                     dot += acc[jt, mt, i * TILE + j, lane]
-                x = np.float32(dot - U_OFFSET * e_sum[r]) / (xscale[m] * e_inv[r])
-                if not fused:
-                    logits[m, r] = x
-                elif r != exclude:
-                    if x > mx:
-                        total = total * np.exp(mx - np.float64(x)) + 1.0
-                        mx = np.float64(x)
-                        arg = r
-                    else:
-                        total += np.exp(np.float64(x) - mx)
-            if fused:
-                part[t, m, 0] = mx
-                part[t, m, 1] = total
-                part[t, m, 2] = arg
+                blk[m, c] = np.float32(dot - U_OFFSET * e_sum[r0 + c]) / (
+                    xscale[m] * e_inv[r0 + c])
+        _emit(blk, logits, part, t, r0, exclude)
+
+
+@pjit
+def lm_head_f16(n_tok, logits, part, h, e16, exclude):
+    # logits[M, V] = h[M, K] . e16[V, K] (F16 bits, the stored embedding) in float32, or
+    # fused partials (see _emit).  h has rows padded to a multiple of 4 (zeros); K % 16 == 0.
+    mp, k = h.shape
+    v = e16.shape[0]
+    m_rows = part.shape[1]
+    lit = numba.literally(n_tok)
+    for t in prange((v + LM_ROWS - 1) // LM_ROWS):
+        acc = np.zeros((TILE * TILE, ACC_LANES), np.float32)
+        tail = np.zeros((TILE, k), np.uint16)
+        r0 = t * LM_ROWS
+        nr = min(LM_ROWS, v - r0)
+        blk = np.empty((m_rows, nr), np.float32)
+        for c0 in range(0, nr, TILE):
+            rows = min(TILE, nr - c0)
+            src = e16[r0 + c0:r0 + c0 + TILE]
+            if rows < TILE:  # last rows of the vocabulary: a padded copy, no read past the end
+                tail[:rows] = e16[r0 + c0:r0 + c0 + rows]
+                src = tail
+            for m0 in range(0, m_rows, lit):
+                acc[:] = 0
+                f16_tile(lit, src.ctypes.data, 2 * k, h.ctypes.data + 4 * m0 * k, 4 * k,
+                         k // 16, acc.ctypes.data)
+                for i in range(rows):
+                    for j in range(min(lit, m_rows - m0)):
+                        x = np.float32(0.0)
+                        for lane in range(ACC_LANES):
+                            x += acc[i * TILE + j, lane]
+                        blk[m0 + j, c0 + i] = x
+        _emit(blk, logits, part, t, r0, exclude)
 
 
 @jit
@@ -132,3 +179,23 @@ def _lm_generic(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
 
 LM_HEAD = {"vnni512": _lm_vnni512, "vnni256": _lm_vnni256, "generic": _lm_generic}
 assert all(SIMD_PATHS.index(p) == i for i, p in ((0, "vnni512"), (1, "vnni256"), (3, "generic")))
+
+
+@jit
+def _f16_one(logits, part, h, e16, exclude):
+    lm_head_f16(1, logits, part, h, e16, exclude)
+
+
+@jit
+def _f16_four(logits, part, h, e16, exclude):
+    lm_head_f16(4, logits, part, h, e16, exclude)
+
+
+def lm_head_exact_f16(logits: np.ndarray, part: np.ndarray, h: np.ndarray, e16: np.ndarray,
+                      exclude: int) -> None:
+    """The exact LM head over an F16 embedding (e16: its uint16 bits); see lm_head_f16."""
+    m = part.shape[1]
+    if m == 1:
+        _f16_one(logits, part, h, e16, exclude)
+    else:
+        _f16_four(logits, part, h, e16, exclude)

@@ -110,3 +110,141 @@ def _codegen(path: str):
         return context.get_dummy_value()
 
     return codegen
+
+
+PACK_GROUP = 128  # weights per 32-byte packed run (kernels/ternary.py layout)
+
+
+@intrinsic
+def packed_tile(typingctx, path, n_tok, p_addr, p_stride, q_addr, q_stride, n_groups, acc_addr):
+    """Ternary rows straight from the 2-bit layout: acc[i * 4 + j, :] += lanes of
+    sum_k code(P[i], k) * Q[j, k] for 4 packed rows i and n_tok (literal, 1..4) int8 rows j,
+    k < 128 * n_groups; codes are unpacked in registers (shift, and), so each packed byte is
+    read once: the small-batch (M = 1 decode) path.  path indexes PATHS (vnni512 runs the
+    256-bit vpdpbusd, the 32-byte runs of the layout being 256 bits)."""
+    if not (isinstance(path, types.IntegerLiteral) and isinstance(n_tok, types.IntegerLiteral)):
+        return None
+    sig = types.void(path, n_tok, types.intp, types.intp, types.intp, types.intp, types.intp,
+                     types.intp)
+    return sig, _packed_codegen(PATHS[path.literal_value], n_tok.literal_value)
+
+
+def _packed_codegen(path: str, n_tok: int):
+    """LLVM IR emitter of packed_tile."""
+    acc_t = ir.VectorType(_I32, 8)
+    byte_t = ir.VectorType(_I8, 32)
+    i16_t = ir.VectorType(_I16, 16)
+    wide_t = ir.VectorType(_I32, 32)
+
+    def codegen(context, builder, signature, args):
+        _, _, pa, ps, qa, qs, n, oa = args
+        mod = builder.module
+        if path == "avx2":
+            maddubs = _declare(mod, "llvm.x86.avx2.pmadd.ub.sw", i16_t, [byte_t, byte_t])
+            maddwd = _declare(mod, "llvm.x86.avx2.pmadd.wd", acc_t, [i16_t, i16_t])
+            ones = ir.Constant(i16_t, [1] * 16)
+        elif path != "generic":
+            dp = _declare(mod, "llvm.x86.avx512.vpdpbusd.256", acc_t, [acc_t] * 3)
+        p_base = builder.inttoptr(pa, _I8.as_pointer())
+        q_base = builder.inttoptr(qa, _I8.as_pointer())
+        acc_base = builder.inttoptr(oa, _I32.as_pointer())
+
+        def load(base, offset):
+            ptr = builder.bitcast(builder.gep(base, [offset]), byte_t.as_pointer())
+            return builder.load(ptr, align=1)
+
+        def acc_ptr(i, j):
+            p = builder.gep(acc_base, [ir.Constant(_I64, (i * TILE + j) * ACC_LANES)])
+            return builder.bitcast(p, acc_t.as_pointer())
+
+        accs = [[cgutils.alloca_once_value(builder, builder.load(acc_ptr(i, j), align=4))
+                 for j in range(n_tok)] for i in range(TILE)]
+        three = ir.Constant(byte_t, [3] * 32)
+        with cgutils.for_range(builder, n) as loop:
+            g = builder.mul(loop.index, ir.Constant(_I64, 32))  # packed byte offset
+            k = builder.mul(loop.index, ir.Constant(_I64, PACK_GROUP))
+            pv = [load(p_base, builder.add(g, builder.mul(ps, ir.Constant(_I64, i))))
+                  for i in range(TILE)]
+            for s in range(4):
+                shift = ir.Constant(byte_t, [2 * s] * 32)
+                codes = [builder.and_(builder.lshr(v, shift), three) for v in pv]
+                ks = builder.add(k, ir.Constant(_I64, 32 * s))
+                qv = [load(q_base, builder.add(ks, builder.mul(qs, ir.Constant(_I64, j))))
+                      for j in range(n_tok)]
+                for i in range(TILE):
+                    for j in range(n_tok):
+                        a = builder.load(accs[i][j])
+                        if path == "generic":
+                            prod = builder.mul(builder.zext(codes[i], wide_t),
+                                               builder.sext(qv[j], wide_t))
+                            # fold 32 products into 8 lanes: sum the four 8-lane quarters
+                            parts = [builder.shuffle_vector(prod, prod, ir.Constant(
+                                ir.VectorType(_I32, 8), list(range(8 * h, 8 * h + 8))))
+                                for h in range(4)]
+                            r = builder.add(a, builder.add(builder.add(parts[0], parts[1]),
+                                                           builder.add(parts[2], parts[3])))
+                        elif path == "avx2":
+                            pairs = builder.call(maddubs, [codes[i], qv[j]])
+                            r = builder.add(a, builder.call(maddwd, [pairs, ones]))
+                        else:
+                            r = builder.call(dp, [a, builder.bitcast(codes[i], acc_t),
+                                                  builder.bitcast(qv[j], acc_t)])
+                        builder.store(r, accs[i][j])
+        for i in range(TILE):
+            for j in range(n_tok):
+                builder.store(builder.load(accs[i][j]), acc_ptr(i, j), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def f16_tile(typingctx, n_tok, e_addr, e_stride, h_addr, h_stride, n_steps, acc_addr):
+    """Exact-head tile: acc[i * 4 + j, :] += lanes of sum_k float(E[i, k]) * H[j, k] for 4 F16
+    rows i (stride in bytes) and n_tok (literal, 1..4) float32 rows j, k < 16 * n_steps.
+    Plain vector IR (fpext half -> float, fmul, fadd): vcvtph2ps where the CPU has F16C."""
+    if not isinstance(n_tok, types.IntegerLiteral):
+        return None
+    sig = types.void(n_tok, types.intp, types.intp, types.intp, types.intp, types.intp,
+                     types.intp)
+    return sig, _f16_codegen(n_tok.literal_value)
+
+
+def _f16_codegen(n_tok: int):
+    """LLVM IR emitter of f16_tile."""
+    f32x16 = ir.VectorType(ir.FloatType(), 16)
+    f16x16 = ir.VectorType(ir.HalfType(), 16)
+
+    def codegen(context, builder, signature, args):
+        _, ea, es, ha, hs, n, oa = args
+        e_base = builder.inttoptr(ea, _I8.as_pointer())
+        h_base = builder.inttoptr(ha, _I8.as_pointer())
+        acc_base = builder.inttoptr(oa, ir.FloatType().as_pointer())
+
+        def load(base, offset, vt):
+            ptr = builder.bitcast(builder.gep(base, [offset]), vt.as_pointer())
+            return builder.load(ptr, align=1)
+
+        def acc_ptr(i, j):
+            p = builder.gep(acc_base, [ir.Constant(_I64, (i * TILE + j) * ACC_LANES)])
+            return builder.bitcast(p, f32x16.as_pointer())
+
+        accs = [[cgutils.alloca_once_value(builder, builder.load(acc_ptr(i, j), align=4))
+                 for j in range(n_tok)] for i in range(TILE)]
+        with cgutils.for_range(builder, n) as loop:
+            ke = builder.mul(loop.index, ir.Constant(_I64, 32))  # 16 halfs
+            kh = builder.mul(loop.index, ir.Constant(_I64, 64))  # 16 floats
+            ev = [builder.fpext(load(e_base, builder.add(ke, builder.mul(
+                es, ir.Constant(_I64, i))), f16x16), f32x16) for i in range(TILE)]
+            hv = [load(h_base, builder.add(kh, builder.mul(hs, ir.Constant(_I64, j))), f32x16)
+                  for j in range(n_tok)]
+            for i in range(TILE):
+                for j in range(n_tok):
+                    r = builder.fadd(builder.load(accs[i][j]), builder.fmul(ev[i], hv[j]))
+                    builder.store(r, accs[i][j])
+        for i in range(TILE):
+            for j in range(n_tok):
+                builder.store(builder.load(accs[i][j]), acc_ptr(i, j), align=4)
+        return context.get_dummy_value()
+
+    return codegen

@@ -16,7 +16,7 @@ from numba import prange
 
 from .cpu import jit, pjit
 from .simd import PATHS as SIMD_PATHS
-from .simd import ACC_LANES, STEP, TILE, dot_tile
+from .simd import ACC_LANES, PACK_GROUP, STEP, TILE, dot_tile, packed_tile
 
 PACK_BLOCK = 128  # weights per 32-byte packed run
 ROW_TILE = 16  # output rows per parallel task (amortizes the unpack buffer)
@@ -161,6 +161,33 @@ def ternary_matmul_simd(path, out, q, qsum, xscale, packed, scales):
                         out[m, r] = y / xscale[m]
 
 
+@pjit
+def ternary_matvec_simd(path, out, q, qsum, xscale, packed, scales):
+    # out[1, N] = (codes[N, Kp] . q[0] - qsum[0]) * scales[N, 0] / xscale[0] for one token:
+    # codes unpacked in registers straight from the packed rows (each byte read once).
+    n, row_bytes = packed.shape
+    n_groups = q.shape[1] // PACK_GROUP
+    lit = numba.literally(path)
+    for t in prange((n + ROW_TILE - 1) // ROW_TILE):
+        acc = np.zeros((TILE * TILE, ACC_LANES), np.int32)
+        tail = np.full((TILE, row_bytes), 0x55, np.uint8)  # code 1 (weight 0) everywhere
+        for r4 in range(t * ROW_TILE, min(n, (t + 1) * ROW_TILE), TILE):
+            acc[:] = 0
+            rows = min(TILE, n - r4)
+            src = packed[r4:r4 + TILE]
+            if rows < TILE:  # the last rows: read them from a padded copy, not past the end
+                tail[:rows] = packed[r4:n]
+                src = tail
+            packed_tile(lit, 1, src.ctypes.data, row_bytes, q.ctypes.data, q.shape[1],
+                        n_groups, acc.ctypes.data)
+            for i in range(rows):
+                total = np.int32(0)
+                for lane in range(ACC_LANES):
+                    total += acc[i * TILE, lane]
+                y = np.float32(total - qsum[0]) * scales[r4 + i, 0]
+                out[0, r4 + i] = y / xscale[0]
+
+
 # One entry point per path, calling the driver with a constant path index: numba types the
 # constant as a literal, so each path is compiled (and cached) on its first use only, and a
 # call from Python never goes through numba.literally's retry.
@@ -179,7 +206,24 @@ def _simd_avx2(out, q, qsum, xscale, packed, scales):
     ternary_matmul_simd(2, out, q, qsum, xscale, packed, scales)
 
 
+@jit
+def _vec_vnni(out, q, qsum, xscale, packed, scales):
+    ternary_matvec_simd(1, out, q, qsum, xscale, packed, scales)  # 32-byte runs: 256-bit
+
+
+@jit
+def _vec_avx2(out, q, qsum, xscale, packed, scales):
+    ternary_matvec_simd(2, out, q, qsum, xscale, packed, scales)
+
+
+@jit
+def _vec_generic(out, q, qsum, xscale, packed, scales):
+    ternary_matvec_simd(3, out, q, qsum, xscale, packed, scales)
+
+
 SIMD_MATMUL = {"vnni512": _simd_vnni512, "vnni256": _simd_vnni256, "avx2": _simd_avx2}
+SIMD_MATVEC = {"vnni512": _vec_vnni, "vnni256": _vec_vnni, "avx2": _vec_avx2,
+               "portable": _vec_generic}
 assert all(SIMD_PATHS.index(p) == i for i, p in enumerate(SIMD_MATMUL))  # literals above
 
 
@@ -188,8 +232,13 @@ def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.
     """out[M, N] = W q with W ternary in kernel layout, on instruction path `path`.
 
     q is int8 [Mp, Kp] (rows padded to a multiple of M_ALIGN with zeros), qsum its row sums.
-    Matrices with several scale groups per row use the portable kernel on every path."""
-    if path == "portable" or scales.shape[1] != 1:
+    Matrices with several scale groups per row use the portable kernel on every path; a
+    single token (M = 1, autoregressive decoding) the in-register unpacking mat-vec."""
+    if scales.shape[1] != 1:
+        ternary_matmul_kernel(out, q, xscale, packed, scales, group)
+    elif out.shape[0] == 1:
+        SIMD_MATVEC[path](out, q, qsum, xscale, packed, scales)
+    elif path == "portable":
         ternary_matmul_kernel(out, q, xscale, packed, scales, group)
     else:
         SIMD_MATMUL[path](out, q, qsum, xscale, packed, scales)

@@ -18,8 +18,8 @@ from ..kernels.dispatch import select_path
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .kv_cache import KVCache
 from ..kernels.lm_head import (LM_HEAD, LM_ROWS, TILE_PATH, combine_partials,
-                               quantize_activations_u8)
-from .weights import Int8Head, Ternary, Weights, load_weights, quantize_head
+                               lm_head_exact_f16, quantize_activations_u8)
+from .weights import F16, Int8Head, Ternary, Weights, load_weights, quantize_head
 
 ATTENTION_MODES = ("causal", "block")
 LM_HEADS = ("exact", "int8")
@@ -83,43 +83,51 @@ class Model:
     def forward_argmax(self, tokens, positions, cache, attention="causal", block_size=None,
                        rows=None, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Like forward() but returns, per row, the argmax token and its softmax probability
-        (token `exclude` left out); the int8 head fuses this and never builds the logits."""
+        (token `exclude` left out); the LM-head kernels fuse this and never build the logits."""
         h = self.forward_hidden(tokens, positions, cache, attention, block_size, rows)
         n = h.shape[0]
         tok, conf = np.empty(n, np.int64), np.empty(n, np.float32)
         if n == 0:
             return tok, conf
-        if self.head8 is None:
+        part = self._head(h, np.empty((0, 0), np.float32), -1 if exclude is None else exclude)
+        if part is None:  # no kernel for this embedding type: full logits, then argmax
             logits = self.project(h)
             if exclude is not None:
                 logits[:, exclude] = -np.inf
             ops.argmax_confidence(tok, conf, logits)
-            return tok, conf
-        part = self._head8(h, np.empty((0, 0), np.float32), -1 if exclude is None else exclude)
-        combine_partials(tok, conf, part)
+        else:
+            combine_partials(tok, conf, part)
         return tok, conf
 
     def project(self, h: np.ndarray) -> np.ndarray:
         """Logits [M, n_vocab] of final-normed hidden states h[M, n_embd]."""
         out = np.empty((h.shape[0], self.weights.output.n_rows), np.float32)
-        if self.head8 is None:
+        if self._head(h, out, -1) is None:
             self.weights.output.project(out, h)
-        else:
-            self._head8(h, out, -1)
         return out
 
-    def _head8(self, h: np.ndarray, logits: np.ndarray, exclude: int) -> np.ndarray:
-        """Run the int8 LM head: into logits, or (logits of width 0) fused partials."""
+    def _head(self, h: np.ndarray, logits: np.ndarray, exclude: int) -> np.ndarray | None:
+        """Run an LM-head kernel into logits, or (logits of width 0) into fused partials
+        (returned); None when no kernel fits (exact head over a non-F16 embedding)."""
         m = h.shape[0]
         mp = -(-m // M_ALIGN) * M_ALIGN
-        hd = self.head8
-        u = np.empty((mp, hd.e8.shape[1]), np.uint8)
-        xs = np.empty(m, np.float32)
-        quantize_activations_u8(u, xs, h)
-        n_tasks = -(-hd.e_inv.shape[0] // LM_ROWS)
-        part = np.empty((n_tasks, m, 3), np.float64)
-        LM_HEAD[TILE_PATH[self.kernel]](logits, part, u, xs, hd.e8, hd.e_inv, hd.e_sum, exclude)
-        return part
+        emb = self.weights.output
+        part = np.empty((-(-emb.n_rows // LM_ROWS), m, 3), np.float64)
+        if self.head8 is not None:
+            hd = self.head8
+            u = np.empty((mp, hd.e8.shape[1]), np.uint8)
+            xs = np.empty(m, np.float32)
+            quantize_activations_u8(u, xs, h)
+            LM_HEAD[TILE_PATH[self.kernel]](logits, part, u, xs, hd.e8, hd.e_inv, hd.e_sum,
+                                            exclude)
+            return part
+        if emb.qtype == F16 and emb.n_cols % 16 == 0:
+            hp = np.zeros((mp, emb.n_cols), np.float32)
+            hp[:m] = h
+            e16 = emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
+            lm_head_exact_f16(logits, part, hp, e16, exclude)
+            return part
+        return None
 
     def forward_hidden(self, tokens, positions, cache, attention="causal", block_size=None,
                        rows=None) -> np.ndarray:
