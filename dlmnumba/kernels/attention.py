@@ -9,7 +9,9 @@ from .cpu import pjit
 CAUSAL = 0  # block_size 0 selects the causal mask
 
 
-@pjit
+# fastmath lets LLVM reassociate the head_dim dot products into SIMD partial sums (strict
+# float order would keep them scalar); results stay deterministic run to run.
+@pjit(fastmath=True)
 def attention(out, q, k_cache, v_cache, key_pos, n_keys, query_pos, block_size, scale):
     # out[M, H, D] = softmax(q k^T * scale + mask) v over cache slots [0, n_keys)
     # k_cache/v_cache[Hkv, C, D]; key_pos[C], query_pos[M] absolute positions.

@@ -21,7 +21,7 @@ from .simd import ACC_LANES, PACK_GROUP, STEP, TILE, dot_tile, packed_tile
 PACK_BLOCK = 128  # weights per 32-byte packed run
 ROW_TILE = 16  # output rows per parallel task (amortizes the unpack buffer)
 M_ALIGN = TILE  # activation rows are padded to a multiple of this (zero rows) for the SIMD tile
-K_CHUNK = 1024  # bytes of k per SIMD pass over a row block (keeps the working set in L1)
+K_CHUNK = 8192  # bytes of k per SIMD pass over a row block (keeps the working set in L1)
 
 
 def padded_k(k: int) -> int:

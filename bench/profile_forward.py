@@ -1,0 +1,74 @@
+"""Where one forward pass spends its time: matmuls, LM head, attention, the rest.
+
+    python bench/profile_forward.py [--model FILE] [--batch 65] [--prefix 20] [--lm-head exact]
+
+Profiles (cProfile: every numba kernel call is one Python-level call) one block forward of
+`batch` tokens after a `prefix`, including the fused LM head over every row, as greedy
+decoding runs it, and groups the time by kernel family.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from forward_pass import default_model  # noqa: E402
+
+GROUPS = {  # substring of the profiled function's file:name -> family
+    "ternary": "ternary matmul", "lm_head": "LM head", "attention": "attention",
+    "rmsnorm": "norms", "quantize": "activation quantization", "rope": "RoPE",
+    "relu2": "activation", "silu": "activation", "add_inplace": "residual",
+    "lookup": "embedding lookup", "combine": "LM head",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model")
+    ap.add_argument("--batch", type=int, default=65)
+    ap.add_argument("--prefix", type=int, default=20)
+    ap.add_argument("--lm-head", default="exact")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    import dlmnumba
+
+    m = dlmnumba.load_model(args.model or default_model(), threads=args.threads,
+                            lm_head=args.lm_head)
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(0, 1000, args.prefix).tolist()
+    batch = rng.integers(0, 1000, args.batch).tolist()
+    cache = m.new_cache(args.prefix + args.batch)
+    m.forward_hidden(prefix, None, cache, rows=[])
+
+    def step():
+        cache.truncate(args.prefix)
+        m.forward_argmax(batch, None, cache, "block", max(64, args.batch))
+
+    step()  # compile / warm
+    t = time.perf_counter()
+    step()
+    wall = time.perf_counter() - t
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    prof.disable()
+    stats = pstats.Stats(prof)
+    fam: dict[str, float] = {}
+    for (file, _, name), (_, _, tottime, _, _) in stats.stats.items():
+        key = next((g for sub, g in GROUPS.items() if sub in name or sub in file), "other")
+        fam[key] = fam.get(key, 0.0) + tottime
+    total = sum(fam.values())
+    print(f"one forward of {args.batch} tokens after {args.prefix} (kernel {m.kernel}, LM head "
+          f"{args.lm_head}, {m.threads} threads): {wall * 1e3:.1f} ms wall")
+    for k, v in sorted(fam.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<26}{v * 1e3:9.1f} ms  {100 * v / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
