@@ -34,7 +34,7 @@ def _peak(path, u, s, acc, reps):
     for t in prange(acc.shape[0]):
         for _ in range(reps):
             dot_tile(lit, u[t].ctypes.data, u.shape[2], s[t].ctypes.data, s.shape[2],
-                     u.shape[2] // 64, acc[t].ctypes.data)
+                     u.shape[2] // 64, acc[t].ctypes.data, 0)
 
 
 @numba.njit(cache=True)

@@ -211,7 +211,7 @@ def test_every_kernel_path_is_exact(path, m, k, n):
                    np.ones_like(scales), kp, path)
     assert np.array_equal(out, acc.astype(np.float32))
     ternary_matmul(out, q, qsum, xs, pack_codes(codes), scales, kp, path)
-    expect = (acc.astype(np.float32) * scales[:, 0]) / xs[:, None]
+    expect = (acc.astype(np.float32) * scales[:, 0]) * (np.float32(1) / xs[:, None])
     assert np.array_equal(out, expect)
 
 

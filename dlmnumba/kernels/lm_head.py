@@ -76,7 +76,7 @@ def lm_head_int8(path, logits, part, u, xscale, e8, e_inv, e_sum, exclude):
                 for jt in range(n_j):
                     dot_tile(lit, u.ctypes.data + mt * TILE * kp + k0, kp,
                              e8.ctypes.data + (r0 + jt * TILE) * kp + k0, kp, steps,
-                             acc[jt, mt].ctypes.data)
+                             acc[jt, mt].ctypes.data, 0)
         blk = np.empty((m_rows, nr), np.float32)
         for m in range(m_rows):
             mt, i = divmod(m, TILE)

@@ -34,12 +34,13 @@ _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntTyp
 
 
 @intrinsic
-def dot_tile(typingctx, path, u_addr, u_stride, s_addr, s_stride, n_steps, acc_addr):
-    """The 4 x 4 int8 dot-product tile of instruction path PATHS[path] (path: literal int)."""
+def dot_tile(typingctx, path, u_addr, u_stride, s_addr, s_stride, n_steps, acc_addr, sum_addr):
+    """The 4 x 4 int8 dot-product tile of instruction path PATHS[path] (path: literal int);
+    when sum_addr is not 0 the lanes are also summed into int32 sum[16] there."""
     if not isinstance(path, types.IntegerLiteral):
         return None
     sig = types.void(path, types.intp, types.intp, types.intp, types.intp, types.intp,
-                     types.intp)
+                     types.intp, types.intp)
     return sig, _codegen(PATHS[path.literal_value])
 
 
@@ -57,7 +58,7 @@ def _codegen(path: str):
     vec_bytes = width // 8
 
     def codegen(context, builder, signature, args):
-        _, ua, us, sa, ss, n, oa = args
+        _, ua, us, sa, ss, n, oa, sum_a = args
         mod = builder.module
         if path == "generic":
             wide_t = ir.VectorType(_I32, 16)
@@ -107,9 +108,49 @@ def _codegen(path: str):
         for i in range(TILE):
             for j in range(TILE):
                 builder.store(builder.load(accs[i][j]), acc_ptr(i, j), align=4)
+        _store_sums(builder, [[builder.load(a) for a in row] for row in accs], sum_a, acc_t)
         return context.get_dummy_value()
 
     return codegen
+
+
+def _store_sums(builder, vecs, sum_addr, acc_t):
+    """If sum_addr != 0: sum[i * 4 + j] = horizontal sum of vecs[i][j] (int32)."""
+    reduce = _declare(builder.module, f"llvm.vector.reduce.add.v{acc_t.count}i32", _I32, [acc_t])
+    with builder.if_then(builder.icmp_unsigned("!=", sum_addr, ir.Constant(_I64, 0))):
+        out = builder.inttoptr(sum_addr, _I32.as_pointer())
+        for i, row in enumerate(vecs):
+            for j, v in enumerate(row):
+                builder.store(builder.call(reduce, [v]),
+                              builder.gep(out, [ir.Constant(_I64, i * TILE + j)]))
+
+
+@intrinsic
+def unpack_codes(typingctx, dst_addr, src_addr, n_runs):
+    """dst[128 * g + 32 * s + b] = (src[32 * g + b] >> 2 s) & 3: the 2-bit layout of
+    kernels/ternary.py expanded to one code byte per weight, 32 bytes at a time."""
+    sig = types.void(types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        da, sa, n = args
+        byte_t = ir.VectorType(_I8, 32)
+        dst = builder.inttoptr(da, _I8.as_pointer())
+        src = builder.inttoptr(sa, _I8.as_pointer())
+        three = ir.Constant(byte_t, [3] * 32)
+        with cgutils.for_range(builder, n) as loop:
+            g = loop.index
+            p = builder.bitcast(builder.gep(src, [builder.mul(g, ir.Constant(_I64, 32))]),
+                                byte_t.as_pointer())
+            v = builder.load(p, align=1)
+            for sh in range(4):
+                codes = builder.and_(builder.lshr(v, ir.Constant(byte_t, [2 * sh] * 32)), three)
+                off = builder.add(builder.mul(g, ir.Constant(_I64, 128)),
+                                  ir.Constant(_I64, 32 * sh))
+                q = builder.bitcast(builder.gep(dst, [off]), byte_t.as_pointer())
+                builder.store(codes, q, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 PACK_GROUP = 128  # weights per 32-byte packed run (kernels/ternary.py layout)

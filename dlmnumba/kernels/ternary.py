@@ -16,7 +16,7 @@ from numba import prange
 
 from .cpu import jit, pjit
 from .simd import PATHS as SIMD_PATHS
-from .simd import ACC_LANES, PACK_GROUP, STEP, TILE, dot_tile, packed_tile
+from .simd import ACC_LANES, PACK_GROUP, STEP, TILE, dot_tile, packed_tile, unpack_codes
 
 PACK_BLOCK = 128  # weights per 32-byte packed run
 ROW_TILE = 16  # output rows per parallel task (amortizes the unpack buffer)
@@ -87,7 +87,7 @@ def _unpack_row(w, packed, r):
 
 @pjit
 def ternary_matmul_kernel(out, q, xscale, packed, scales, group):
-    # out[M, N] = (q[M, Kp] @ W[N, Kp]^T) * scales[N, G] / xscale[M]; exact int32 dot per group
+    # out[M, N] = (q[M, Kp] @ W[N, Kp]^T) * scales[N, G] * (1 / xscale[M]); exact int32 dot per group
     # (q may have padding rows beyond M; they are ignored)
     m_rows = out.shape[0]
     kp = q.shape[1]
@@ -109,7 +109,7 @@ def ternary_matmul_kernel(out, q, xscale, packed, scales, group):
                     for j in range(group):
                         acc = np.int32(acc + np.int32(qg[j]) * np.int32(wg[j]))
                     y += np.float32(acc) * scales[r, g]
-                out[m, r] = y / xscale[m]
+                out[m, r] = y * (np.float32(1.0) / xscale[m])
 
 
 @jit
@@ -124,46 +124,49 @@ def _unpack_codes_row(dst, packed, r):
 
 @pjit
 def ternary_matmul_simd(path, out, q, qsum, xscale, packed, scales):
-    # out[M, N] = (codes[N, Kp] . q[Mp, Kp] - qsum[M]) * scales[N, 0] / xscale[M]
+    # out[M, N] = (codes[N, Kp] . q[Mp, Kp] - qsum[M]) * scales[N, 0] * (1 / xscale[M])
     # codes = weight + 1 in {0,1,2} (the unsigned operand of vpdpbusd), q int8 activations;
     # sum (w + 1) q = sum w q + sum q, hence the qsum correction.  One scale per row (G = 1).
     # Per task: ROW_TILE weight rows unpacked once, then k in chunks of K_CHUNK so a 4-token
-    # slice of q and the rows' codes stay in L1 while every (token, row) tile consumes them.
+    # slice of q and the rows' codes stay in L1 while every (token, row) tile consumes them;
+    # the last chunk's tile also sums its lanes, so the epilogue reads 16 int32 per tile.
     m_rows = out.shape[0]
     mp, kp = q.shape
     n = packed.shape[0]
     lit = numba.literally(path)  # specialize per path: only its instructions are compiled
     n_m = mp // TILE
+    inv = np.empty(m_rows, np.float32)
+    for m in range(m_rows):
+        inv[m] = np.float32(1.0) / xscale[m]
     for t in prange((n + ROW_TILE - 1) // ROW_TILE):
         codes = np.zeros((ROW_TILE, kp), np.uint8)
         acc = np.zeros((ROW_TILE // TILE, n_m, TILE * TILE, ACC_LANES), np.int32)
+        sums = np.empty((ROW_TILE // TILE, n_m, TILE * TILE), np.int32)
         r0 = t * ROW_TILE
         nr = min(ROW_TILE, n - r0)
         for i in range(nr):
-            _unpack_codes_row(codes[i], packed, r0 + i)
+            unpack_codes(codes[i].ctypes.data, packed[r0 + i].ctypes.data, kp // PACK_GROUP)
         for k0 in range(0, kp, K_CHUNK):
             steps = (min(kp, k0 + K_CHUNK) - k0) // STEP
+            last = k0 + K_CHUNK >= kp
             for mt in range(n_m):
                 for jt in range((nr + TILE - 1) // TILE):
                     dot_tile(lit, codes.ctypes.data + jt * TILE * kp + k0, kp,
                              q.ctypes.data + mt * TILE * kp + k0, kp, steps,
-                             acc[jt, mt].ctypes.data)
+                             acc[jt, mt].ctypes.data, sums[jt, mt].ctypes.data if last else 0)
         for jt in range((nr + TILE - 1) // TILE):
             for mt in range(n_m):
                 for i in range(min(TILE, nr - jt * TILE)):
                     r = r0 + jt * TILE + i
                     for j in range(min(TILE, m_rows - mt * TILE)):
                         m = mt * TILE + j
-                        total = np.int32(0)
-                        for lane in range(ACC_LANES):
-                            total += acc[jt, mt, i * TILE + j, lane]
-                        y = np.float32(total - qsum[m]) * scales[r, 0]
-                        out[m, r] = y / xscale[m]
+                        y = np.float32(sums[jt, mt, i * TILE + j] - qsum[m]) * scales[r, 0]
+                        out[m, r] = y * inv[m]
 
 
 @pjit
 def ternary_matvec_simd(path, out, q, qsum, xscale, packed, scales):
-    # out[1, N] = (codes[N, Kp] . q[0] - qsum[0]) * scales[N, 0] / xscale[0] for one token:
+    # out[1, N] = (codes[N, Kp] . q[0] - qsum[0]) * scales[N, 0] * (1 / xscale[0]), one token:
     # codes unpacked in registers straight from the packed rows (each byte read once).
     n, row_bytes = packed.shape
     n_groups = q.shape[1] // PACK_GROUP
@@ -185,7 +188,7 @@ def ternary_matvec_simd(path, out, q, qsum, xscale, packed, scales):
                 for lane in range(ACC_LANES):
                     total += acc[i * TILE, lane]
                 y = np.float32(total - qsum[0]) * scales[r4 + i, 0]
-                out[0, r4 + i] = y / xscale[0]
+                out[0, r4 + i] = y * (np.float32(1.0) / xscale[0])
 
 
 # One entry point per path, calling the driver with a constant path index: numba types the
