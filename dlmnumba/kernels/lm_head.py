@@ -18,7 +18,7 @@ from .cpu import jit, pjit
 from .simd import ACC_LANES, PATHS as SIMD_PATHS
 from .simd import STEP, TILE, dot_tile, f16_tile
 
-LM_ROWS = 64  # vocabulary rows per parallel task
+LM_ROWS = 16  # vocabulary rows per parallel task
 K_CHUNK = 1024  # bytes of k per pass, as in the ternary kernel
 U_OFFSET = 128  # added to int8 activations to make them unsigned
 # CPU path -> tile path: avx2's vpmaddubsw would saturate on u8 x s8 products, so it and the
@@ -27,7 +27,9 @@ TILE_PATH = {"vnni512": "vnni512", "vnni256": "vnni256", "avx2": "generic",
              "portable": "generic"}
 
 
-@jit
+# reassociation and approximate functions let the exp sum vectorize; infinities and NaN keep
+# their meaning (no 'ninf'/'nnan'), and the max / argmax scan is exact
+@jit(fastmath={"reassoc", "contract", "afn"})
 def _emit(blk, logits, part, t, r0, exclude):
     # task t's logits blk[M, nr] (rows r0..) -> logits[:, r0:r0+nr], or (fused: logits of
     # width 0) part[t, m] = (max, sum exp(x - max), argmax) with row `exclude` left out
@@ -37,23 +39,23 @@ def _emit(blk, logits, part, t, r0, exclude):
             for c in range(nr):
                 logits[m, r0 + c] = blk[m, c]
         return
+    if r0 <= exclude < r0 + nr:
+        for m in range(m_rows):
+            blk[m, exclude - r0] = -np.inf
     for m in range(m_rows):
-        mx = -np.inf
-        total = 0.0
-        arg = -1
-        for c in range(nr):
-            if r0 + c == exclude:
-                continue
-            x = np.float64(blk[m, c])
-            if x > mx:
-                total = total * np.exp(mx - x) + 1.0
-                mx = x
-                arg = r0 + c
-            else:
-                total += np.exp(x - mx)
+        mx = blk[m, 0]
+        arg = 0
+        for c in range(1, nr):
+            if blk[m, c] > mx:
+                mx = blk[m, c]
+                arg = c
+        total = np.float32(0.0)
+        if mx != -np.inf:
+            for c in range(nr):
+                total += np.exp(blk[m, c] - mx)
         part[t, m, 0] = mx
         part[t, m, 1] = total
-        part[t, m, 2] = arg
+        part[t, m, 2] = r0 + arg if mx != -np.inf else -1
 
 
 @pjit
@@ -67,24 +69,24 @@ def lm_head_int8(path, logits, part, u, xscale, e8, e_inv, e_sum, exclude):
     n_m = mp // TILE
     for t in prange((v + LM_ROWS - 1) // LM_ROWS):
         acc = np.zeros((LM_ROWS // TILE, n_m, TILE * TILE, ACC_LANES), np.int32)
+        sums = np.empty((LM_ROWS // TILE, n_m, TILE * TILE), np.int32)
         r0 = t * LM_ROWS
         nr = min(LM_ROWS, v - r0)
         n_j = (nr + TILE - 1) // TILE
         for k0 in range(0, kp, K_CHUNK):
             steps = (min(kp, k0 + K_CHUNK) - k0) // STEP
+            last = k0 + K_CHUNK >= kp
             for mt in range(n_m):
                 for jt in range(n_j):
                     dot_tile(lit, u.ctypes.data + mt * TILE * kp + k0, kp,
                              e8.ctypes.data + (r0 + jt * TILE) * kp + k0, kp, steps,
-                             acc[jt, mt].ctypes.data, 0)
+                             acc[jt, mt].ctypes.data, sums[jt, mt].ctypes.data if last else 0)
         blk = np.empty((m_rows, nr), np.float32)
         for m in range(m_rows):
             mt, i = divmod(m, TILE)
             for c in range(nr):
                 jt, j = divmod(c, TILE)
-                dot = np.int32(0)
-                for lane in range(ACC_LANES):
-                    dot += acc[jt, mt, i * TILE + j, lane]
+                dot = sums[jt, mt, i * TILE + j]
                 blk[m, c] = np.float32(dot - U_OFFSET * e_sum[r0 + c]) / (
                     xscale[m] * e_inv[r0 + c])
         _emit(blk, logits, part, t, r0, exclude)

@@ -243,7 +243,8 @@ def _packed_codegen(path: str, n_tok: int):
 def f16_tile(typingctx, n_tok, e_addr, e_stride, h_addr, h_stride, n_steps, acc_addr):
     """Exact-head tile: acc[i * 4 + j, :] += lanes of sum_k float(E[i, k]) * H[j, k] for 4 F16
     rows i (stride in bytes) and n_tok (literal, 1..4) float32 rows j, k < 16 * n_steps.
-    Plain vector IR (fpext half -> float, fmul, fadd): vcvtph2ps where the CPU has F16C."""
+    Plain vector IR (fpext half -> float, llvm.fmuladd): vcvtph2ps where the CPU has F16C,
+    fused multiply-add where it has FMA, separate multiply and add elsewhere."""
     if not isinstance(n_tok, types.IntegerLiteral):
         return None
     sig = types.void(n_tok, types.intp, types.intp, types.intp, types.intp, types.intp,
@@ -258,6 +259,7 @@ def _f16_codegen(n_tok: int):
 
     def codegen(context, builder, signature, args):
         _, ea, es, ha, hs, n, oa = args
+        fmuladd = _declare(builder.module, "llvm.fmuladd.v16f32", f32x16, [f32x16] * 3)
         e_base = builder.inttoptr(ea, _I8.as_pointer())
         h_base = builder.inttoptr(ha, _I8.as_pointer())
         acc_base = builder.inttoptr(oa, ir.FloatType().as_pointer())
@@ -281,7 +283,7 @@ def _f16_codegen(n_tok: int):
                   for j in range(n_tok)]
             for i in range(TILE):
                 for j in range(n_tok):
-                    r = builder.fadd(builder.load(accs[i][j]), builder.fmul(ev[i], hv[j]))
+                    r = builder.call(fmuladd, [ev[i], hv[j], builder.load(accs[i][j])])
                     builder.store(r, accs[i][j])
         for i in range(TILE):
             for j in range(n_tok):
