@@ -21,6 +21,7 @@ from .simd import ACC_LANES, PACK_GROUP, STEP, TILE, dot_tile, packed_tile, unpa
 PACK_BLOCK = 128  # weights per 32-byte packed run
 ROW_TILE = 16  # output rows per parallel task (amortizes the unpack buffer)
 M_ALIGN = TILE  # activation rows are padded to a multiple of this (zero rows) for the SIMD tile
+VEC_ROWS = 64  # weight rows per parallel task of the single-token mat-vec
 K_CHUNK = 8192  # bytes of k per SIMD pass over a row block (keeps the working set in L1)
 
 
@@ -168,27 +169,32 @@ def ternary_matmul_simd(path, out, q, qsum, xscale, packed, scales):
 def ternary_matvec_simd(path, out, q, qsum, xscale, packed, scales):
     # out[1, N] = (codes[N, Kp] . q[0] - qsum[0]) * scales[N, 0] * (1 / xscale[0]), one token:
     # codes unpacked in registers straight from the packed rows (each byte read once).
+    # Scratch is allocated once per call (one slice per task), not inside the tasks: they are
+    # small, and an allocation per task showed in the profile.
     n, row_bytes = packed.shape
     n_groups = q.shape[1] // PACK_GROUP
     lit = numba.literally(path)
-    for t in prange((n + ROW_TILE - 1) // ROW_TILE):
-        acc = np.zeros((TILE * TILE, ACC_LANES), np.int32)
-        tail = np.full((TILE, row_bytes), 0x55, np.uint8)  # code 1 (weight 0) everywhere
-        for r4 in range(t * ROW_TILE, min(n, (t + 1) * ROW_TILE), TILE):
+    inv = np.float32(1.0) / xscale[0]
+    n_tasks = (n + VEC_ROWS - 1) // VEC_ROWS
+    acc_all = np.empty((n_tasks, TILE * TILE, ACC_LANES), np.int32)
+    for t in prange(n_tasks):
+        acc = acc_all[t]
+        for r4 in range(t * VEC_ROWS, min(n, (t + 1) * VEC_ROWS), TILE):
             acc[:] = 0
             rows = min(TILE, n - r4)
-            src = packed[r4:r4 + TILE]
-            if rows < TILE:  # the last rows: read them from a padded copy, not past the end
+            if rows == TILE:
+                packed_tile(lit, 1, packed[r4].ctypes.data, row_bytes, q.ctypes.data,
+                            q.shape[1], n_groups, acc.ctypes.data)
+            else:  # the last rows: from a padded copy, never reading past the end
+                tail = np.full((TILE, row_bytes), 0x55, np.uint8)  # code 1 = weight 0
                 tail[:rows] = packed[r4:n]
-                src = tail
-            packed_tile(lit, 1, src.ctypes.data, row_bytes, q.ctypes.data, q.shape[1],
-                        n_groups, acc.ctypes.data)
+                packed_tile(lit, 1, tail.ctypes.data, row_bytes, q.ctypes.data, q.shape[1],
+                            n_groups, acc.ctypes.data)
             for i in range(rows):
                 total = np.int32(0)
                 for lane in range(ACC_LANES):
                     total += acc[i * TILE, lane]
-                y = np.float32(total - qsum[0]) * scales[r4 + i, 0]
-                out[0, r4 + i] = y * (np.float32(1.0) / xscale[0])
+                out[0, r4 + i] = np.float32(total - qsum[0]) * scales[r4 + i, 0] * inv
 
 
 # One entry point per path, calling the driver with a constant path index: numba types the
