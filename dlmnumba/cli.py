@@ -119,6 +119,7 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
 
         rss, peak = process_memory_mib()
         rows += [("load time", f"{m.load_seconds:.2f} s ({m.threads} threads)"),
+                 ("kernel path", f"{m.kernel}; LM head {m.lm_head}"),
                  ("ternary weights", f"{n_w / 1e6:.1f} M in {packed / 2**20:.1f} MiB "
                                      f"({8 * packed / n_w:.2f} bits/weight)"),
                  ("resident memory", f"{rss:.0f} MiB (peak {peak:.0f} MiB)")]
@@ -323,3 +324,29 @@ def config_show(config_path) -> None:
     from .config import dump_config, load_config
 
     click.echo(dump_config(load_config(config_path)), nl=False)
+
+
+@main.command()
+def doctor() -> None:
+    """Show the CPU features, the int8 kernel path that runs, threads and versions."""
+    import numba
+    import numpy as np
+
+    from .bench import environment_info
+    from .kernels.cpu import physical_cores
+    from .kernels.dispatch import ENV, select_path, supported_paths
+
+    env = environment_info()
+    flags = ", ".join(k for k, v in env["cpu_flags"].items() if v) or "none of interest"
+    try:
+        chosen = select_path()
+    except ValueError as e:  # a bad $DLMNUMBA_KERNEL
+        chosen = f"error: {e}"
+    rows = [("cpu", env["cpu_model"]), ("cpu flags", flags),
+            ("kernel paths here", ", ".join(supported_paths())),
+            ("kernel path used", f"{chosen}" + (f" (from ${ENV})" if os.environ.get(ENV) else "")),
+            ("threads", f"{physical_cores()} physical cores (numba max {numba.config.NUMBA_NUM_THREADS})"),
+            ("versions", f"python {env['python']}, numba {numba.__version__}, numpy {np.__version__}")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k + ':':<{width + 2}}{v}")

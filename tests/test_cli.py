@@ -132,3 +132,13 @@ def test_python_m_entry_point():
     import sys
     r = subprocess.run([sys.executable, "-m", "dlmnumba", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "generate" in r.stdout and "bench" in r.stdout
+
+
+def test_doctor_reports_the_kernel_path():
+    from dlmnumba.kernels.dispatch import select_path, supported_paths
+    r = invoke(["doctor"])
+    assert r.exit_code == 0
+    assert f"kernel path used:  {select_path()}" in r.stdout
+    assert ", ".join(supported_paths()) in r.stdout
+    forced = invoke(["doctor"], env={"DLMNUMBA_KERNEL": "portable"})
+    assert "kernel path used:  portable (from $DLMNUMBA_KERNEL)" in forced.stdout
