@@ -277,6 +277,16 @@ class GGUFFile:
                                    f"expected a plain type {sorted(_ARRAY_DTYPES)} for array()")
         return self.data(name).view(dtype).reshape(info.shape)
 
+    def release(self, name: str) -> None:
+        """Tell the OS a tensor's pages are not needed any more (after repacking it): they
+        leave the resident set and are read again from the file only if touched."""
+        info = self.tensor(name)
+        page = mmap.PAGESIZE
+        start = info.offset // page * page
+        end = (info.offset + info.nbytes) // page * page  # whole pages inside the tensor only
+        if end > start and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         """Drop the mapping; it stays alive while views handed out still reference it."""
         self._bytes = np.empty(0, np.uint8)

@@ -220,6 +220,7 @@ def _ternary(f: GGUFFile, base: str, n_out: int, k: int) -> Ternary:
         codes, scales = quants.decode_ternary(info.qtype, f.data(name), (n_out, k))
     except ValueError as e:
         raise ModelFormatError(f"{f.path}: tensor '{name}': {e}") from None
+    f.release(name)  # repacked below: the file's copy need not stay resident
     scales = _collapse_scales(codes, scales)
     if base + ".scale" in f.tensors:
         extra = Embedding(f.data(base + ".scale"), f.tensors[base + ".scale"].qtype, 1, 1,
