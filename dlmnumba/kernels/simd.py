@@ -157,9 +157,9 @@ PACK_GROUP = 128  # weights per 32-byte packed run (kernels/ternary.py layout)
 
 
 @intrinsic
-def packed_tile(typingctx, path, n_tok, p_addr, p_stride, q_addr, q_stride, n_groups, acc_addr):
-    """Ternary rows straight from the 2-bit layout: acc[i * 4 + j, :] += lanes of
-    sum_k code(P[i], k) * Q[j, k] for 4 packed rows i and n_tok (literal, 1..4) int8 rows j,
+def packed_tile(typingctx, path, n_tok, p_addr, p_stride, q_addr, q_stride, n_groups, sum_addr):
+    """Ternary rows straight from the 2-bit layout: sum[i * 4 + j] = sum_k code(P[i], k) *
+    Q[j, k] (int32) for 4 packed rows i and n_tok (literal, 1..4) int8 rows j,
     k < 128 * n_groups; codes are unpacked in registers (shift, and), so each packed byte is
     read once: the small-batch (M = 1 decode) path.  path indexes PATHS (vnni512 runs the
     256-bit vpdpbusd, the 32-byte runs of the layout being 256 bits)."""
@@ -178,7 +178,7 @@ def _packed_codegen(path: str, n_tok: int):
     wide_t = ir.VectorType(_I32, 32)
 
     def codegen(context, builder, signature, args):
-        _, _, pa, ps, qa, qs, n, oa = args
+        _, _, pa, ps, qa, qs, n, sum_a = args
         mod = builder.module
         if path == "avx2":
             maddubs = _declare(mod, "llvm.x86.avx2.pmadd.ub.sw", i16_t, [byte_t, byte_t])
@@ -188,17 +188,16 @@ def _packed_codegen(path: str, n_tok: int):
             dp = _declare(mod, "llvm.x86.avx512.vpdpbusd.256", acc_t, [acc_t] * 3)
         p_base = builder.inttoptr(pa, _I8.as_pointer())
         q_base = builder.inttoptr(qa, _I8.as_pointer())
-        acc_base = builder.inttoptr(oa, _I32.as_pointer())
 
         def load(base, offset):
             ptr = builder.bitcast(builder.gep(base, [offset]), byte_t.as_pointer())
             return builder.load(ptr, align=1)
 
-        def acc_ptr(i, j):
-            p = builder.gep(acc_base, [ir.Constant(_I64, (i * TILE + j) * ACC_LANES)])
-            return builder.bitcast(p, acc_t.as_pointer())
-
-        accs = [[cgutils.alloca_once_value(builder, builder.load(acc_ptr(i, j), align=4))
+        # with few tokens, each (row, token) pair gets `split` partial accumulators (one per
+        # shift s modulo split), so consecutive vpdpbusd do not wait on each other's result
+        split = max(1, 4 // n_tok)
+        zero = ir.Constant(acc_t, None)
+        accs = [[[cgutils.alloca_once_value(builder, zero) for part in range(split)]
                  for j in range(n_tok)] for i in range(TILE)]
         three = ir.Constant(byte_t, [3] * 32)
         with cgutils.for_range(builder, n) as loop:
@@ -214,7 +213,8 @@ def _packed_codegen(path: str, n_tok: int):
                       for j in range(n_tok)]
                 for i in range(TILE):
                     for j in range(n_tok):
-                        a = builder.load(accs[i][j])
+                        slot = accs[i][j][s % split]
+                        a = builder.load(slot)
                         if path == "generic":
                             prod = builder.mul(builder.zext(codes[i], wide_t),
                                                builder.sext(qv[j], wide_t))
@@ -230,10 +230,17 @@ def _packed_codegen(path: str, n_tok: int):
                         else:
                             r = builder.call(dp, [a, builder.bitcast(codes[i], acc_t),
                                                   builder.bitcast(qv[j], acc_t)])
-                        builder.store(r, accs[i][j])
+                        builder.store(r, slot)
+        totals = []
         for i in range(TILE):
+            row = []
             for j in range(n_tok):
-                builder.store(builder.load(accs[i][j]), acc_ptr(i, j), align=4)
+                total = builder.load(accs[i][j][0])
+                for part in range(1, split):
+                    total = builder.add(total, builder.load(accs[i][j][part]))
+                row.append(total)
+            totals.append(row)
+        _store_sums(builder, totals, sum_a, acc_t)
         return context.get_dummy_value()
 
     return codegen

@@ -168,33 +168,29 @@ def ternary_matmul_simd(path, out, q, qsum, xscale, packed, scales):
 @pjit
 def ternary_matvec_simd(path, out, q, qsum, xscale, packed, scales):
     # out[1, N] = (codes[N, Kp] . q[0] - qsum[0]) * scales[N, 0] * (1 / xscale[0]), one token:
-    # codes unpacked in registers straight from the packed rows (each byte read once).
-    # Scratch is allocated once per call (one slice per task), not inside the tasks: they are
-    # small, and an allocation per task showed in the profile.
+    # codes unpacked in registers straight from the packed rows (each byte read once), the
+    # tile returning finished int32 dot products.
     n, row_bytes = packed.shape
     n_groups = q.shape[1] // PACK_GROUP
     lit = numba.literally(path)
     inv = np.float32(1.0) / xscale[0]
     n_tasks = (n + VEC_ROWS - 1) // VEC_ROWS
-    acc_all = np.empty((n_tasks, TILE * TILE, ACC_LANES), np.int32)
+    sums_all = np.empty((n_tasks, TILE * TILE), np.int32)
     for t in prange(n_tasks):
-        acc = acc_all[t]
+        sums = sums_all[t]
         for r4 in range(t * VEC_ROWS, min(n, (t + 1) * VEC_ROWS), TILE):
-            acc[:] = 0
             rows = min(TILE, n - r4)
             if rows == TILE:
                 packed_tile(lit, 1, packed[r4].ctypes.data, row_bytes, q.ctypes.data,
-                            q.shape[1], n_groups, acc.ctypes.data)
+                            q.shape[1], n_groups, sums.ctypes.data)
             else:  # the last rows: from a padded copy, never reading past the end
                 tail = np.full((TILE, row_bytes), 0x55, np.uint8)  # code 1 = weight 0
                 tail[:rows] = packed[r4:n]
                 packed_tile(lit, 1, tail.ctypes.data, row_bytes, q.ctypes.data, q.shape[1],
-                            n_groups, acc.ctypes.data)
+                            n_groups, sums.ctypes.data)
             for i in range(rows):
-                total = np.int32(0)
-                for lane in range(ACC_LANES):
-                    total += acc[i * TILE, lane]
-                out[0, r4 + i] = np.float32(total - qsum[0]) * scales[r4 + i, 0] * inv
+                y = np.float32(sums[i * TILE] - qsum[0]) * scales[r4 + i, 0]
+                out[0, r4 + i] = y * inv
 
 
 # One entry point per path, calling the driver with a constant path index: numba types the
