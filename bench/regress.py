@@ -67,12 +67,12 @@ def _matmul_metric(path: str, peak: float) -> dict:
 
     import numpy as np
 
-    from dlmnumba.kernels.ternary import pack_codes, ternary_matmul
+    from dlmnumba.kernels.ternary import M_ALIGN, pack_codes, ternary_matmul
 
     m, k, n = 65, 2560, 6912
     rng = np.random.default_rng(0)
     packed = pack_codes(rng.integers(0, 3, (n, k), dtype=np.uint8))
-    q = np.zeros((68, k), np.int8)
+    q = np.zeros((-(-m // M_ALIGN) * M_ALIGN, k), np.int8)
     q[:m] = rng.integers(-128, 128, (m, k))
     qsum = q.astype(np.int32).sum(1).astype(np.int32)
     out, xs, sc = np.empty((m, n), np.float32), np.ones(m, np.float32), np.ones((n, 1), np.float32)
