@@ -251,3 +251,20 @@ def test_int8_lm_head_exact_and_fused(path):
         p /= p.sum(1, keepdims=True)
         assert np.array_equal(tok, ref.argmax(1))
         np.testing.assert_allclose(conf, p.max(1), rtol=1e-5)
+
+
+def test_cached_kernels_dropped_when_simd_ir_changes():
+    """A changed simd.py (a new stamp) removes the cached kernels; an unchanged one keeps them."""
+    import dlmnumba.kernels as K
+    from pathlib import Path
+    cache = Path(K.__file__).parent / "__pycache__"
+    stamp = cache / "simd-ir.sha256"
+    K._drop_stale_kernel_caches()
+    good = stamp.read_text()
+    fake = cache / "zz_fake_kernel.nbi"
+    fake.write_bytes(b"x")
+    K._drop_stale_kernel_caches()
+    assert fake.exists()  # same simd.py: nothing dropped
+    stamp.write_text("0" * 64)
+    K._drop_stale_kernel_caches()
+    assert not fake.exists() and stamp.read_text() == good

@@ -18,6 +18,9 @@ separate compiled (and cached) specialization.
            ARM included: exact for every operand, slower.
 The 16 accumulators of a tile live in registers (allocas that LLVM promotes), so each 64-byte
 step loads 4 + 4 vectors and issues 16 dot-product instructions.
+
+numba's on-disk cache keys a compiled function on its own source file only, not on the IR an
+intrinsic emits: kernels/__init__.py drops the cached kernels when this file changes.
 """
 from __future__ import annotations
 
@@ -154,6 +157,8 @@ def unpack_codes(typingctx, dst_addr, src_addr, n_runs):
 
 
 PACK_GROUP = 128  # weights per 32-byte packed run (kernels/ternary.py layout)
+PREFETCH_AHEAD = 5120
+PREFETCH_LOCALITY = 0
 
 
 @intrinsic
@@ -200,9 +205,17 @@ def _packed_codegen(path: str, n_tok: int):
         accs = [[[cgutils.alloca_once_value(builder, zero) for part in range(split)]
                  for j in range(n_tok)] for i in range(TILE)]
         three = ir.Constant(byte_t, [3] * 32)
+        prefetch = _declare(mod, "llvm.prefetch.p0", ir.VoidType(),
+                            [_I8.as_pointer(), _I32, _I32, _I32])
         with cgutils.for_range(builder, n) as loop:
             g = builder.mul(loop.index, ir.Constant(_I64, 32))  # packed byte offset
             k = builder.mul(loop.index, ir.Constant(_I64, PACK_GROUP))
+            for i in range(TILE):
+                off = builder.add(builder.add(g, builder.mul(ps, ir.Constant(_I64, i))),
+                                  ir.Constant(_I64, PREFETCH_AHEAD))
+                builder.call(prefetch, [builder.gep(p_base, [off]), ir.Constant(_I32, 0),
+                                        ir.Constant(_I32, PREFETCH_LOCALITY),
+                                        ir.Constant(_I32, 1)])
             pv = [load(p_base, builder.add(g, builder.mul(ps, ir.Constant(_I64, i))))
                   for i in range(TILE)]
             for s in range(4):
