@@ -22,7 +22,6 @@ from forward_pass import default_model  # noqa: E402
 from llamacpp import LlamaCpp  # noqa: E402
 from seed_replay import seed_replay  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 
 def llama_runs(lc: LlamaCpp, fn, iterations: int, warmup: int):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import gguf
 from gguf_edit import rewrite
 
 import oracles as O
