@@ -190,12 +190,20 @@ def _load_config(opts: dict, max_tokens_key: str, extra: dict | None = None):
     return load_config(opts.get("config_path"), cli=cli)
 
 
-def _open_model(cfg):
-    """Load the configured model, or the built-in default (written once to the user cache)."""
+def _open_model(cfg, default: str = "bench"):
+    """Load the configured model, or the built-in default: for `bench` the 2B-4T-shaped synthetic
+    model (written once to the user cache), for `generate` and `eval` the bundled toy model."""
     from .model.bitnet import load_model
 
     path = cfg.model_path
-    if path is None:
+    if path is None and default == "toy":
+        from .gguf.synth import TOY_MODEL
+
+        path = TOY_MODEL
+        click.echo(f"model: bundled {path.name} (a 1.7M-parameter ternary block-diffusion model "
+                   "trained on arithmetic, copy, reverse, sort and lookup tasks; pass --model "
+                   "for a real model)", err=True)
+    elif path is None:
         from .gguf.synth import default_model_path, write_synthetic
 
         path, spec = default_model_path()
@@ -247,13 +255,17 @@ def _chat(model, prompt: str) -> str:
 @main.command()
 @click.argument("prompt")
 @decode_options
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
+@click.option("--chat/--no-chat", default=None,
+              help="Wrap the prompt in the model's chat template (default: when the model "
+                   "file has one).")
 @user_errors
-def generate(prompt: str, chat: bool, **opts) -> None:
+def generate(prompt: str, chat: bool | None, **opts) -> None:
     """Generate text from PROMPT, streamed to stdout as blocks are committed."""
     cfg = _load_config(opts, "sampling.max_tokens")
-    m = _open_model(cfg)
+    m = _open_model(cfg, default="toy")
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
+    if chat is None:
+        chat = bool(m.file.metadata.get("tokenizer.chat_template"))
     ids = m.tokenizer.encode(_chat(m, prompt) if chat else prompt)
     dec = m.tokenizer.stream_decoder()
     for chunk in gen.stream(ids):
@@ -301,6 +313,60 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
                     "threads": m.threads, "forward_passes_per_request": summary.forward_passes_per_req,
                     "prompt": bc.prompt, "warmup": bc.warmup}
         B.write_json(json_path, summary, B.environment_info(), settings)
+
+
+@main.command("eval")
+@decode_options
+@click.option("--tasks", default=",".join(__import__("dlmnumba.tasks", fromlist=["TASKS"]).TASKS),
+              show_default=True, help="Comma-separated held-out tasks.")
+@click.option("-n", "--examples", "n_per_task", type=int, default=50, show_default=True,
+              help="Held-out examples per task (at most 200).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the results + environment as JSON.")
+@click.option("--show-failures", is_flag=True, help="Print a few wrong answers per task.")
+@user_errors
+def eval_(tasks, n_per_task, json_path, show_failures, **opts) -> None:
+    """Accuracy, tokens per forward pass and tok/s on held-out synthetic tasks
+    (default model: the bundled toy model)."""
+    from . import bench as B
+    from . import evaluate as E
+
+    if opts.get("max_tokens") is None:
+        opts["max_tokens"] = 48  # the longest answer is 25 tokens + EOT, after a block start
+    cfg = _load_config(opts, "sampling.max_tokens")
+    try:
+        exs = E.examples_for([t.strip() for t in tasks.split(",") if t.strip()], n_per_task)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    m = _open_model(cfg, default="toy")
+    gen = _generator(m, cfg, cfg.sampling.max_tokens)
+    bar = None
+    if _progress():
+        from tqdm import tqdm
+        bar = tqdm(total=len(exs), desc="eval", unit="prompt", leave=False)
+    try:
+        results, total = E.run_eval(gen, lambda p: m.tokenizer.encode(_chat(m, p)), exs, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    d = cfg.dlm
+    desc = (f"mode {d.decode_mode}, block {d.block_size}"
+            + (f", small block {d.small_block_size}, threshold {d.threshold}"
+               if d.decode_mode in ("iterative", "adaptive") else "")
+            + f", attention {d.attention}, kv_commit {d.kv_commit}, {m.threads} threads, "
+              f"model {Path(m.path).name}")
+    click.echo(E.format_table(results, total, desc))
+    if show_failures:
+        for r in results:
+            for f in r.failures:
+                click.echo(f"  {r.task}: {f['prompt']!r} -> {f['output']!r} (want {f['answer']!r})")
+    if json_path:
+        settings = {"model": m.path, "mode": d.decode_mode, "block_size": d.block_size,
+                    "small_block_size": d.small_block_size, "threshold": d.threshold,
+                    "attention": d.attention, "kv_commit": d.kv_commit,
+                    "max_tokens": cfg.sampling.max_tokens, "examples_per_task": n_per_task,
+                    "threads": m.threads}
+        E.write_json(json_path, results, total, settings, B.environment_info())
 
 
 @main.group("config")

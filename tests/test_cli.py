@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import dlmnumba
+from dlmnumba import tasks as T
 from dlmnumba.cli import main, seed_chat
 from dlmnumba.decode.scheduler import DecodeSettings, Generator
 from dlmnumba.gguf.synth import default_model_path
@@ -37,7 +38,7 @@ def invoke(args, env=None):
 def test_generate_streams_the_decoders_text(synth_model):
     path = synth_model()
     r = invoke(["generate", "Explain ternary weights", "--model", path, "--max-tokens", "40",
-                "--mode", "iterative", "--threshold", "0.5", "--block-size", "16"])
+                "--mode", "iterative", "--threshold", "0.5", "--block-size", "16", "--no-chat"])
     assert r.exit_code == 0, r.stderr
     m = dlmnumba.load_model(path)
     gen = Generator(m, DecodeSettings(mode="iterative", threshold=0.5, block_size=16,
@@ -50,14 +51,56 @@ def test_generate_streams_the_decoders_text(synth_model):
 
 def test_generate_chat_uses_template_and_model_path_env(synth_model):
     path = synth_model()
-    plain = invoke(["generate", "hi", "--max-tokens", "8", "--block-size", "8"],
-                   env={"MODEL_PATH": path})
-    chat = invoke(["generate", "hi", "--chat", "--max-tokens", "8", "--block-size", "8"],
-                  env={"MODEL_PATH": path})
-    assert plain.exit_code == 0 and chat.exit_code == 0
-    n_plain = int(re.search(r"\[(\d+) prompt tokens", plain.stderr).group(1))
-    n_chat = int(re.search(r"\[(\d+) prompt tokens", chat.stderr).group(1))
-    assert n_chat > n_plain + 4  # the template's header tokens wrap the prompt
+    runs = {flag: invoke(["generate", "hi", "--max-tokens", "8", "--block-size", "8"] +
+                         ([flag] if flag else []), env={"MODEL_PATH": path})
+            for flag in ("--no-chat", "--chat", None)}
+    n = {}
+    for flag, r in runs.items():
+        assert r.exit_code == 0, r.stderr
+        n[flag] = int(re.search(r"\[(\d+) prompt tokens", r.stderr).group(1))
+    m = dlmnumba.load_model(path)
+    assert n["--no-chat"] == len(m.tokenizer.encode("hi"))
+    assert n["--chat"] > n["--no-chat"] + 4  # the template's header tokens wrap the prompt
+    assert n[None] == n["--chat"]  # the file carries a template: chat by default
+
+
+def test_generate_and_eval_default_to_the_bundled_toy_model(monkeypatch):
+    monkeypatch.delenv("MODEL_PATH", raising=False)
+    r = invoke(["generate", "Reverse: abc", "--max-tokens", "8", "--block-size", "16"])
+    assert r.exit_code == 0, r.stderr
+    assert "bundled toy-dlm.gguf" in r.stderr
+    r = invoke(["eval", "--tasks", "sort,copy", "-n", "3", "--block-size", "16"])
+    assert r.exit_code == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
+    assert set(rows) == {"sort", "copy", "all"} and rows["all"][1] == "6"
+
+
+def test_eval_matches_the_library_and_writes_json(tmp_path):
+    from dlmnumba import evaluate as E
+    from dlmnumba.cli import _chat
+    from dlmnumba.gguf.synth import TOY_MODEL
+
+    out = tmp_path / "e.json"
+    r = invoke(["eval", "--tasks", "add,reverse", "-n", "4", "--mode", "iterative",
+                "--block-size", "16", "--json", str(out)])
+    assert r.exit_code == 0, r.stderr
+    m = dlmnumba.load_model(str(TOY_MODEL))
+    gen = Generator(m, DecodeSettings(mode="iterative", block_size=16, max_tokens=48))
+    exs = E.examples_for(["add", "reverse"], 4)
+    want = [T.is_correct(e, gen.generate(m.tokenizer.encode(_chat(m, e.prompt))).text)
+            for e in exs]
+    data = json.loads(out.read_text())
+    assert data["total"]["n"] == 8 and data["total"]["correct"] == sum(want)
+    assert [t["task"] for t in data["tasks"]] == ["add", "reverse"]
+    assert data["settings"]["mode"] == "iterative" and "cpu_flags" in data["environment"]
+    assert f"{100 * sum(want) / 8:.1f}%" in r.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, needle", [(["--tasks", "add,mul"], "'mul'"),
+                                          (["-n", "0"], "1..200")])
+def test_eval_rejects_bad_arguments(args, needle):
+    r = CliRunner().invoke(main, ["eval"] + args)
+    assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output
 
 
 def test_bench_prints_seed_report_and_json(synth_model, tmp_path):
@@ -121,7 +164,8 @@ def test_default_model_is_used_from_the_cache(synth_model, tmp_path):
     # a tiny stand-in at the default location keeps the test fast; the CLI must reuse it
     target = tmp_path / path.name
     shutil.copy(synth_model(), target)
-    r = invoke(["generate", "hi", "--max-tokens", "4", "--block-size", "8"], env=env)
+    r = invoke(["bench", "--max-tokens", "4", "--block-size", "8", "--iterations", "1",
+                "--warmup", "0"], env=env)
     assert r.exit_code == 0, r.stderr
     assert "random weights" in r.stderr and path.name in r.stderr
     assert "writing the built-in default model" not in r.stderr

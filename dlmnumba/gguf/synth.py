@@ -141,11 +141,22 @@ def _add_ternary(w, rng: np.random.Generator, name: str, rows: int, cols: int, q
     # scale so a unit-RMS input gives a unit-RMS output: var = cols * 2/3 * scale^2
     scale = np.float32(np.sqrt(1.5 / cols))
     if qt == I2_S_TYPE:
-        raw = quants.encode_ternary(qt, codes, np.full((rows, 1), scale, np.float32))
-        w.add_tensor(name, raw.view(np.int8), raw_shape=(rows, cols))
-        w.tensors[-1][name].dtype = I2_S_TYPE  # the gguf package has no I2_S: set the type id
+        add_i2s_tensor(w, name, codes, float(scale))
     else:
         import gguf
         scale = np.float32(np.float16(scale))  # TQ stores d as f16
         raw = quants.encode_ternary(qt, codes, np.full((rows, cols // 256), scale, np.float32))
         w.add_tensor(name, raw.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType(qt))
+
+
+def add_i2s_tensor(w, name: str, codes: np.ndarray, scale: float) -> None:
+    """Add an I2_S tensor (codes uint8 {0, 1, 2} = {-1, 0, +1} of shape [rows, cols], one scale)
+    to a gguf.GGUFWriter, which has no I2_S type of its own."""
+    rows, cols = codes.shape
+    raw = quants.encode_ternary(I2_S_TYPE, codes, np.full((rows, 1), scale, np.float32))
+    w.add_tensor(name, raw.view(np.int8), raw_shape=(rows, cols))
+    w.tensors[-1][name].dtype = I2_S_TYPE  # set the type id by hand
+
+
+# The bundled toy model (scripts/train_toy_dlm.py): the default model of `generate` and `eval`.
+TOY_MODEL = Path(__file__).resolve().parent.parent / "data" / "toy-dlm.gguf"

@@ -181,11 +181,18 @@ def chat_template_for(vocab: SynthVocab) -> str:
     """Llama-3-style chat template if the header tokens exist, else the USER:/ASSISTANT: one."""
     if HEADER_START_TEXT in vocab.tokens and HEADER_END_TEXT in vocab.tokens:
         return LLAMA3_STYLE_CHAT_TEMPLATE
+    return seed_chat_template(vocab)
+
+
+def seed_chat_template(vocab: SynthVocab) -> str:
+    """The template rendering the seed server's prompt form "USER: hi<|eot_id|>ASSISTANT:"."""
     return SIMPLE_CHAT_TEMPLATE.replace("{end}", vocab.tokens[vocab.eot_id])
 
 
-def add_tokenizer_metadata(writer: GGUFWriter, vocab: SynthVocab) -> None:
-    """Write the `tokenizer.*` keys for `vocab` (gpt2 / llama-bpe, BOS added, chat template)."""
+def add_tokenizer_metadata(writer: GGUFWriter, vocab: SynthVocab,
+                           chat_template: str | None = None) -> None:
+    """Write the `tokenizer.*` keys for `vocab` (gpt2 / llama-bpe, BOS added, chat template:
+    `chat_template_for(vocab)` unless given)."""
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(PRE)
     writer.add_token_list(vocab.tokens)
@@ -197,4 +204,40 @@ def add_tokenizer_metadata(writer: GGUFWriter, vocab: SynthVocab) -> None:
     writer.add_mask_token_id(vocab.mask_id)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(chat_template_for(vocab))
+    writer.add_chat_template(chat_template or chat_template_for(vocab))
+
+
+def build_char_vocab() -> SynthVocab:
+    """A byte-level vocabulary without word pieces, for small trained models (the bundled toy
+    model): ids 0..255 are the bytes in byte order, then one merge (two spaces; GGUF and llama.cpp
+    need a non-empty merge list), then the 16-token control block and |<MASK>| last (274 tokens)."""
+    from dlmnumba.gguf.tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    tokens = [b2u[b] for b in range(256)]
+    space = b2u[ord(" ")]
+    merges = [f"{space} {space}"]
+    tokens.append(space + space)
+    types = [int(TokenType.NORMAL)] * len(tokens)
+    n_bpe = len(tokens)
+    reserved = 0
+    for offset in range(SMALL_CONTROL_BLOCK):
+        name = _NAMED_IN_BLOCK.get(offset)
+        if name is None:
+            name = f"<|reserved_special_token_{reserved}|>"
+            reserved += 1
+        tokens.append(name)
+        types.append(int(TokenType.CONTROL))
+    tokens.append(MASK_TEXT)
+    types.append(int(TokenType.CONTROL))
+    return SynthVocab(tokens, types, merges, n_bpe, n_bpe + 1, n_bpe + 9, len(tokens) - 1)
+
+
+def vocab_tokenizer(vocab: SynthVocab):
+    """Our Tokenizer for a SynthVocab, exactly as a GGUF written with it would build it."""
+    from dlmnumba.gguf.tokenizer import Tokenizer
+
+    return Tokenizer(vocab.tokens, vocab.token_types,
+                     [tuple(m.split(" ", 1)) for m in vocab.merges], PRE,
+                     bos_id=vocab.bos_id, eos_id=vocab.eos_id, eot_id=vocab.eot_id,
+                     mask_id=vocab.mask_id, add_bos=True)
