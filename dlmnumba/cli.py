@@ -181,13 +181,23 @@ def decode_options(fn):
     return fn
 
 
-def _load_config(opts: dict, max_tokens_key: str, extra: dict | None = None):
+def _load_config(opts: dict, max_tokens_key: str, extra: dict | None = None, model=None):
+    """The effective config; with `model`, its file's recommendations replace the defaults
+    (a `diffusion.block_size` key sets dlm.block_size unless CLI, YAML or env set it)."""
     from .config import load_config
 
     cli = {SETTING_KEYS[k]: v for k, v in opts.items() if k in SETTING_KEYS}
     cli[max_tokens_key] = opts.get("max_tokens")
     cli.update(extra or {})
-    return load_config(opts.get("config_path"), cli=cli)
+    return load_config(opts.get("config_path"), cli=cli,
+                       model_defaults=None if model is None else _model_defaults(model))
+
+
+def _model_defaults(model) -> dict:
+    block = model.file.metadata.get("diffusion.block_size")
+    if isinstance(block, int) and not isinstance(block, bool) and block > 0:
+        return {"dlm.block_size": block}
+    return {}
 
 
 def _open_model(cfg, default: str = "bench"):
@@ -263,6 +273,7 @@ def generate(prompt: str, chat: bool | None, **opts) -> None:
     """Generate text from PROMPT, streamed to stdout as blocks are committed."""
     cfg = _load_config(opts, "sampling.max_tokens")
     m = _open_model(cfg, default="toy")
+    cfg = _load_config(opts, "sampling.max_tokens", model=m)
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
     if chat is None:
         chat = bool(m.file.metadata.get("tokenizer.chat_template"))
@@ -278,7 +289,7 @@ def generate(prompt: str, chat: bool | None, **opts) -> None:
                f"{st.forward_passes} forward passes ({st.tokens_per_pass:.2f} tokens/pass); "
                f"first token {st.ttft_s * 1e3:.0f} ms, total {st.latency_s:.2f} s, "
                f"{st.generated_tokens / max(st.latency_s, 1e-9):.2f} tok/s; "
-               f"stop: {st.finish_reason}; mode {cfg.dlm.decode_mode}]", err=True)
+               f"stop: {st.finish_reason}; mode {cfg.dlm.decode_mode}, block {cfg.dlm.block_size}]", err=True)
 
 
 @main.command()
@@ -292,10 +303,12 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
     """Benchmark sequential requests and print the seed's report."""
     from . import bench as B
 
-    cfg = _load_config(opts, "benchmark.max_tokens", {
-        "benchmark.iterations": iterations, "benchmark.warmup": warmup, "benchmark.prompt": prompt})
-    bc = cfg.benchmark
+    extra = {"benchmark.iterations": iterations, "benchmark.warmup": warmup,
+             "benchmark.prompt": prompt}
+    cfg = _load_config(opts, "benchmark.max_tokens", extra)
     m = _open_model(cfg)
+    cfg = _load_config(opts, "benchmark.max_tokens", extra, model=m)
+    bc = cfg.benchmark
     gen = _generator(m, cfg, bc.max_tokens)
     ids = m.tokenizer.encode(seed_chat(bc.prompt))
     stats, wall = B.run_benchmark(gen, ids, bc.iterations, bc.warmup, progress=_progress())
@@ -339,6 +352,7 @@ def eval_(tasks, n_per_task, json_path, show_failures, **opts) -> None:
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     m = _open_model(cfg, default="toy")
+    cfg = _load_config(opts, "sampling.max_tokens", model=m)
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
     bar = None
     if _progress():

@@ -28,6 +28,7 @@ from .errors import ConfigError
 
 ENV_PREFIX = "DLMNUMBA_"
 DEFAULTS_SOURCE = "defaults"
+MODEL_SOURCE = "the model file"
 CLI_SOURCE = "command line"
 
 # A range rule: predicate on the (already type-checked) value, and what it demands.
@@ -363,10 +364,14 @@ def _build(values: Mapping[str, Any]) -> Config:
 
 
 def load_config(path: str | None = None, cli: dict[str, Any] | None = None,
-                env: Mapping[str, str] | None = None) -> Config:
-    """Defaults, then environment (os.environ if env is None), then the YAML file, then CLI."""
+                env: Mapping[str, str] | None = None,
+                model_defaults: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then the model file's recommendations (e.g. its diffusion block size), then
+    environment (os.environ if env is None), then the YAML file, then CLI."""
     values = {key: leaf.field.default for key, leaf in LEAVES.items()}
     sources = dict.fromkeys(LEAVES, DEFAULTS_SOURCE)
+    if model_defaults:
+        _apply(values, sources, dict(model_defaults), MODEL_SOURCE)
     _apply_env(values, sources, os.environ if env is None else env)
     if path is not None:
         path = os.fspath(path)

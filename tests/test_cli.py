@@ -186,3 +186,21 @@ def test_doctor_reports_the_kernel_path():
     assert ", ".join(supported_paths()) in r.stdout
     forced = invoke(["doctor"], env={"DLMNUMBA_KERNEL": "portable"})
     assert "kernel path used:  portable (from $DLMNUMBA_KERNEL)" in forced.stdout
+
+
+def test_model_files_block_size_is_a_default_below_env_yaml_and_cli(tmp_path, monkeypatch):
+    from dlmnumba.gguf.synth import TOY_MODEL
+    monkeypatch.delenv("DLMNUMBA_BLOCK_SIZE", raising=False)
+    assert dlmnumba.load_model(str(TOY_MODEL)).file.metadata["diffusion.block_size"] == 16
+
+    def block(args, env=None):
+        r = invoke(["generate", "Sort: 321", "--max-tokens", "4"] + args, env=env)
+        assert r.exit_code == 0, r.stderr
+        return int(re.search(r"block (\d+)\]", r.stderr).group(1))
+
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("dlm:\n  block_size: 8\n")
+    assert block([]) == 16  # the file's diffusion.block_size replaces the default 64
+    assert block([], env={"DLMNUMBA_BLOCK_SIZE": "32"}) == 32
+    assert block(["--config", str(yaml_path)]) == 8
+    assert block(["--block-size", "64"]) == 64

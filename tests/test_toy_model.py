@@ -81,9 +81,13 @@ def test_bundled_model_prompt_form_is_the_chat_template(trainer, toy):
 # --- accuracy floors ------------------------------------------------------------------------
 # A fixed held-out sample (the first PER_TASK examples of every task).  The floors sit well
 # below what the bundled model scores on it (README, "The bundled toy model"); each broken
-# decoder below was measured far under them.
+# decoder below was measured under them (logit row off by one 0.03, token shift off 0.33 -- the
+# answers' leading space absorbs part of a one-position shift --, block-local mask 0.38, the
+# seed's scheduling 0.00).  Losing each generated token's K/V in `ar` gave 0.57: the answers are
+# short, so that break is not detectable by accuracy and is not listed.
 PER_TASK = 10
-FLOORS = {"ar": 0.0, "iterative": 0.0}
+# Measured on this sample: ar 0.65, iterative 0.65 (60 prompts; lookup is not learned).
+FLOORS = {"ar": 0.45, "iterative": 0.45}
 SETTINGS = {"ar": dict(mode="ar"),
             "iterative": dict(mode="iterative", block_size=32, small_block_size=8, threshold=0.9)}
 
@@ -133,20 +137,8 @@ def _ar_row_off_by_one(monkeypatch, model):
     monkeypatch.setattr(Generator, "_decide", broken)
 
 
-def _lost_cache(monkeypatch, model):
-    """Each generated token's K/V is overwritten by the next one (never kept)."""
-    orig = type(model).forward_hidden
-
-    def broken(self, tokens, positions, cache, *a, **k):
-        out = orig(self, tokens, positions, cache, *a, **k)
-        if len(tokens) == 1:
-            cache.length -= 1
-        return out
-    monkeypatch.setattr(type(model), "forward_hidden", broken)
-
-
 # (floor it is held against, how it is broken, settings if not the floor's own)
-BREAKS = [("ar", _ar_row_off_by_one, {}), ("ar", _lost_cache, {}),
+BREAKS = [("ar", _ar_row_off_by_one, {}),
           ("iterative", _no_shift, {}), ("iterative", _block_local_mask, {}),
           # the seed's stale-cache scheduling: mask K/V left in the cache, the first AR token
           # written over the last prompt token's slot
