@@ -155,3 +155,16 @@ def test_a_broken_decoder_falls_far_below_the_floor(toy, monkeypatch, floor, brk
     acc = _accuracy(toy, **(override or SETTINGS[floor]))
     print(f"{floor} floor {FLOORS[floor]}, broken: {acc:.3f}")
     assert acc < FLOORS[floor]
+
+
+def test_refinement_stops_at_a_committed_stop_token_without_changing_the_output(toy,
+                                                                                 monkeypatch):
+    from dlmnumba.cli import _chat
+    settings = DecodeSettings(mode="iterative", block_size=32, threshold=0.9, max_tokens=48)
+    prompts = [toy.tokenizer.encode(_chat(toy, e.prompt)) for e in E.examples_for(E.T.TASKS, 3)]
+    early = [Generator(toy, settings).generate(p) for p in prompts]
+    monkeypatch.setattr(Generator, "_stopped", lambda self, block, masked: False)
+    full = [Generator(toy, settings).generate(p) for p in prompts]
+    assert [g.tokens for g in early] == [g.tokens for g in full]
+    assert all(a.stats.forward_passes <= b.stats.forward_passes for a, b in zip(early, full))
+    assert sum(a.stats.forward_passes for a in early) < sum(b.stats.forward_passes for b in full)

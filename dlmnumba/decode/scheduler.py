@@ -201,6 +201,15 @@ class Generator:
             logits[:, self.mask_id] = -np.inf
         return pick_tokens(logits, self.settings.sampling, self._rng)
 
+    def _stopped(self, block: np.ndarray, masked: np.ndarray) -> bool:
+        """Whether a committed end-of-generation token has every position before it decided."""
+        for i in range(block.shape[0]):
+            if masked[i]:
+                return False
+            if int(block[i]) in self.eog:
+                return True
+        return False
+
     def _ar(self, prompt: list[int], cache: KVCache) -> Iterator[list[int]]:
         """One token per forward pass, causal attention."""
         tok = int(self._decide(prompt, 0, cache, [len(prompt) - 1])[0][0])
@@ -286,6 +295,8 @@ class Generator:
                 block[commit] = tok
             masked[commit] = False
             step += 1
+            if masked.any() and self._stopped(block, masked):
+                break  # the output ends at a committed stop token: later positions are unused
             if masked.any() and passes >= s.max_iterations_per_block and s.mode != "greedy":
                 block[masked] = best_tok[masked]  # cap reached: best earlier prediction
                 masked[:] = False
