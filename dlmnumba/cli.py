@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .errors import DlmError
+from .tasks import TASKS
 
 EXIT_USER_ERROR = 2
 
@@ -193,6 +194,13 @@ def _load_config(opts: dict, max_tokens_key: str, extra: dict | None = None, mod
                        model_defaults=None if model is None else _model_defaults(model))
 
 
+def _for_model(cfg, model, opts: dict, max_tokens_key: str, extra: dict | None = None):
+    """cfg, re-resolved with the model file's recommendations when it has any."""
+    if not _model_defaults(model):
+        return cfg
+    return _load_config(opts, max_tokens_key, extra, model=model)
+
+
 def _model_defaults(model) -> dict:
     block = model.file.metadata.get("diffusion.block_size")
     if isinstance(block, int) and not isinstance(block, bool) and block > 0:
@@ -273,7 +281,7 @@ def generate(prompt: str, chat: bool | None, **opts) -> None:
     """Generate text from PROMPT, streamed to stdout as blocks are committed."""
     cfg = _load_config(opts, "sampling.max_tokens")
     m = _open_model(cfg, default="toy")
-    cfg = _load_config(opts, "sampling.max_tokens", model=m)
+    cfg = _for_model(cfg, m, opts, "sampling.max_tokens")
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
     if chat is None:
         chat = bool(m.file.metadata.get("tokenizer.chat_template"))
@@ -307,7 +315,7 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
              "benchmark.prompt": prompt}
     cfg = _load_config(opts, "benchmark.max_tokens", extra)
     m = _open_model(cfg)
-    cfg = _load_config(opts, "benchmark.max_tokens", extra, model=m)
+    cfg = _for_model(cfg, m, opts, "benchmark.max_tokens", extra)
     bc = cfg.benchmark
     gen = _generator(m, cfg, bc.max_tokens)
     ids = m.tokenizer.encode(seed_chat(bc.prompt))
@@ -330,7 +338,7 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
 
 @main.command("eval")
 @decode_options
-@click.option("--tasks", default=",".join(__import__("dlmnumba.tasks", fromlist=["TASKS"]).TASKS),
+@click.option("--tasks", default=",".join(TASKS),
               show_default=True, help="Comma-separated held-out tasks.")
 @click.option("-n", "--examples", "n_per_task", type=int, default=50, show_default=True,
               help="Held-out examples per task (at most 200).")
@@ -352,7 +360,7 @@ def eval_(tasks, n_per_task, json_path, show_failures, **opts) -> None:
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     m = _open_model(cfg, default="toy")
-    cfg = _load_config(opts, "sampling.max_tokens", model=m)
+    cfg = _for_model(cfg, m, opts, "sampling.max_tokens")
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
     bar = None
     if _progress():

@@ -61,7 +61,7 @@ def examples_for(tasks: Sequence[str], n_per_task: int) -> list[T.Example]:
     """The first n_per_task held-out examples of each task."""
     if not 1 <= n_per_task <= T.HELDOUT_PER_TASK:
         raise ValueError(f"examples per task must be in 1..{T.HELDOUT_PER_TASK}, got {n_per_task}")
-    return [ex for t in T.check_tasks(tasks) for ex in T.heldout(t, T.HELDOUT_PER_TASK)[:n_per_task]]
+    return [ex for t in T.check_tasks(tasks) for ex in T.heldout(t, n_per_task)]
 
 
 def run_eval(generator, encode: Callable[[str], list[int]], examples: Sequence[T.Example],

@@ -32,7 +32,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dlmnumba import tasks as T  # noqa: E402
+from dlmnumba.cli import seed_chat  # noqa: E402
+from dlmnumba.gguf.synth import Preset, add_i2s_tensor, add_shape_metadata, write_atomically  # noqa: E402
 from dlmnumba.gguf import quants  # noqa: E402
 from dlmnumba.gguf.vocab import (add_tokenizer_metadata, build_char_vocab,  # noqa: E402
                                  seed_chat_template, vocab_tokenizer)
@@ -51,24 +54,16 @@ from dlmnumba.gguf.vocab import (add_tokenizer_metadata, build_char_vocab,  # no
 ARCH = "bitnet-b1.58"
 
 
-@dataclass(frozen=True)
-class Shape:
-    """Model dimensions."""
-
-    n_vocab: int = 274
-    n_embd: int = 192
-    n_layer: int = 4
-    n_head: int = 4
-    n_head_kv: int = 2
-    n_ff: int = 512
-    n_ctx: int = 256
-    rope_base: float = 10000.0
-    rms_eps: float = 1e-5
+# The toy model's shape; Shape(**changes) gives variants (tests use smaller ones).
+TOY_SHAPE = Preset(n_vocab=274, n_embd=192, n_layer=4, n_head=4, n_head_kv=2, n_ff=512,
+                   n_ctx=256, rope_base=10000.0, rms_eps=1e-5)
 
 
-def chat(prompt: str) -> str:
-    """The seed's chat form, which is what the bundled model's chat template renders."""
-    return f"USER: {prompt}<|eot_id|>ASSISTANT:"
+def Shape(**changes) -> Preset:  # noqa: N802 (reads as the constructor it replaces)
+    return dataclasses.replace(TOY_SHAPE, **changes)
+
+
+chat = seed_chat  # the prompt form the model is trained on (its chat template renders it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +102,7 @@ class BitLinear(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, s: Shape):
+    def __init__(self, s: Preset):
         super().__init__()
         hd = s.n_embd // s.n_head
         self.q = BitLinear(s.n_embd, s.n_embd)
@@ -122,11 +117,19 @@ class Layer(nn.Module):
         self.ffn_norm = nn.Parameter(torch.ones(s.n_embd))
         self.ffn_sub_norm = nn.Parameter(torch.ones(s.n_ff))
 
+    NORMS = ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm")
+
+    def projections(self) -> list[tuple[str, BitLinear]]:
+        """(GGUF tensor stem, module) of the ternary projections, in llama.cpp's order."""
+        return [("attn_q", self.q), ("attn_k", self.k), ("attn_v", self.v),
+                ("attn_output", self.o), ("ffn_gate", self.gate), ("ffn_up", self.up),
+                ("ffn_down", self.down)]
+
 
 class ToyDLM(nn.Module):
     """BitNet b1.58 transformer, the engine's forward pass in torch."""
 
-    def __init__(self, s: Shape):
+    def __init__(self, s: Preset):
         super().__init__()
         self.s = s
         self.embd = nn.Parameter(torch.randn(s.n_vocab, s.n_embd) * 0.05)
@@ -272,13 +275,6 @@ def dlm_loss(model: ToyDLM, ids, plen, end, block: int, gen: torch.Generator,
 # ---------------------------------------------------------------------------------------------
 # Export
 
-def add_i2s(w, name: str, weight: torch.Tensor) -> None:
-    from dlmnumba.gguf.synth import add_i2s_tensor
-
-    codes, scale = ternarize(weight)
-    add_i2s_tensor(w, name, (codes + 1).to(torch.uint8).numpy(), float(scale))
-
-
 def export_gguf(model: ToyDLM, path: Path, info: dict) -> Path:
     """Write the model as a bitnet-b1.58 GGUF with I2_S projections and an F32 embedding."""
     import gguf
@@ -286,41 +282,23 @@ def export_gguf(model: ToyDLM, path: Path, info: dict) -> Path:
     s = model.s
     vocab = build_char_vocab()
     assert vocab.vocab_size == s.n_vocab
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")
-    w = gguf.GGUFWriter(str(tmp), ARCH)
+    w = gguf.GGUFWriter(None, ARCH)
     w.add_name("dlmnumba toy DLM (trained ternary block-diffusion model, synthetic tasks)")
     w.add_description("Trained by scripts/train_toy_dlm.py: " +
                       ", ".join(f"{k}={v}" for k, v in info.items()))
-    w.add_context_length(s.n_ctx)
-    w.add_embedding_length(s.n_embd)
-    w.add_block_count(s.n_layer)
-    w.add_feed_forward_length(s.n_ff)
-    w.add_head_count(s.n_head)
-    w.add_head_count_kv(s.n_head_kv)
-    w.add_rope_freq_base(s.rope_base)
-    w.add_rope_dimension_count(s.n_embd // s.n_head)
-    w.add_layer_norm_rms_eps(s.rms_eps)
-    w.add_vocab_size(s.n_vocab)
-    w.add_bool("diffusion.shift_logits", True)
+    add_shape_metadata(w, s)
     w.add_uint32("diffusion.block_size", int(info.get("block", 16)))
     add_tokenizer_metadata(w, vocab, seed_chat_template(vocab))  # what the model was trained on
-    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["embd"].numpy())
-    w.add_tensor("output_norm.weight", sd["output_norm"].numpy())
+    w.add_tensor("token_embd.weight", model.embd.detach().float().numpy())
+    w.add_tensor("output_norm.weight", model.output_norm.detach().float().numpy())
     for i, L in enumerate(model.layers):
-        for name, lin in (("attn_q", L.q), ("attn_k", L.k), ("attn_v", L.v),
-                          ("attn_output", L.o), ("ffn_gate", L.gate), ("ffn_up", L.up),
-                          ("ffn_down", L.down)):
-            add_i2s(w, f"blk.{i}.{name}.weight", lin.weight)
-        for name in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"):
+        for name, lin in L.projections():
+            codes, scale = ternarize(lin.weight, lin.scale)
+            add_i2s_tensor(w, f"blk.{i}.{name}.weight", (codes + 1).to(torch.uint8).numpy(),
+                           float(scale))
+        for name in L.NORMS:
             w.add_tensor(f"blk.{i}.{name}.weight", getattr(L, name).detach().float().numpy())
-    w.write_header_to_file(path=tmp)
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(path)
-    return path
+    return write_atomically(w, Path(path))
 
 
 def load_gguf(path: str | Path) -> ToyDLM:
@@ -331,7 +309,8 @@ def load_gguf(path: str | Path) -> ToyDLM:
     f = GGUFFile(str(path))
     sp = ModelSpec.from_metadata(f.metadata, str(path))
     s = Shape(n_vocab=sp.n_vocab, n_embd=sp.n_embd, n_layer=sp.n_layer, n_head=sp.n_head,
-              n_head_kv=sp.n_head_kv, n_ff=sp.n_ff, rope_base=sp.rope_base, rms_eps=sp.rms_eps)
+              n_head_kv=sp.n_head_kv, n_ff=sp.n_ff, n_ctx=sp.n_ctx_train, rope_base=sp.rope_base,
+              rms_eps=sp.rms_eps)
     m = ToyDLM(s)
 
     scales: dict[str, float] = {}
@@ -350,12 +329,10 @@ def load_gguf(path: str | Path) -> ToyDLM:
         m.embd.copy_(arr("token_embd.weight"))
         m.output_norm.copy_(arr("output_norm.weight"))
         for i, L in enumerate(m.layers):
-            for name, lin in (("attn_q", L.q), ("attn_k", L.k), ("attn_v", L.v),
-                              ("attn_output", L.o), ("ffn_gate", L.gate), ("ffn_up", L.up),
-                              ("ffn_down", L.down)):
+            for name, lin in L.projections():
                 lin.weight.copy_(arr(f"blk.{i}.{name}.weight"))
                 lin.scale = scales[f"blk.{i}.{name}.weight"]
-            for name in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"):
+            for name in L.NORMS:
                 getattr(L, name).copy_(arr(f"blk.{i}.{name}.weight"))
     return m
 

@@ -94,17 +94,7 @@ def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "TQ2_0"
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"dlmnumba synthetic {preset} ({qtype}, random weights, seed {seed})")
-    w.add_context_length(p.n_ctx)
-    w.add_embedding_length(p.n_embd)
-    w.add_block_count(p.n_layer)
-    w.add_feed_forward_length(p.n_ff)
-    w.add_head_count(p.n_head)
-    w.add_head_count_kv(p.n_head_kv)
-    w.add_rope_freq_base(p.rope_base)
-    w.add_rope_dimension_count(p.n_embd // p.n_head)
-    w.add_layer_norm_rms_eps(p.rms_eps)
-    w.add_vocab_size(p.n_vocab)
-    w.add_bool("diffusion.shift_logits", True)
+    add_shape_metadata(w, p)
     add_tokenizer_metadata(w, vocab)
 
     # embeddings ~ N(0, 4/E) so tied-head logits have unit-order spread
@@ -121,7 +111,28 @@ def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "TQ2_0"
         w.add_tensor(f"blk.{i}.ffn_norm.weight", _norm(rng, p.n_embd))
         w.add_tensor(f"blk.{i}.ffn_sub_norm.weight", _norm(rng, p.n_ff))
 
-    tmp = path.with_name(path.name + ".part")  # never leave a half-written model under `path`
+    return write_atomically(w, path, progress)
+
+
+def add_shape_metadata(w, p: Preset) -> None:
+    """The `<arch>.*` hyperparameters of a model of shape p, and token shift on."""
+    w.add_context_length(p.n_ctx)
+    w.add_embedding_length(p.n_embd)
+    w.add_block_count(p.n_layer)
+    w.add_feed_forward_length(p.n_ff)
+    w.add_head_count(p.n_head)
+    w.add_head_count_kv(p.n_head_kv)
+    w.add_rope_freq_base(p.rope_base)
+    w.add_rope_dimension_count(p.n_embd // p.n_head)
+    w.add_layer_norm_rms_eps(p.rms_eps)
+    w.add_vocab_size(p.n_vocab)
+    w.add_bool("diffusion.shift_logits", True)
+
+
+def write_atomically(w, path: Path, progress: bool = False) -> Path:
+    """Write a filled gguf.GGUFWriter to path via path.part, so a half-written model never
+    sits under `path`."""
+    tmp = path.with_name(path.name + ".part")
     w.path = tmp
     w.write_header_to_file(path=tmp)
     w.write_kv_data_to_file()

@@ -159,22 +159,27 @@ def _build_cached(vocab_size: int) -> tuple[tuple[str, ...], tuple[int, ...], tu
     tokens += [f"<|synth_unused_{i}|>" for i in range(n_pad)]
     types += [int(TokenType.UNUSED)] * n_pad
 
-    reserved = 0
-    for offset in range(block):
-        name = _NAMED_IN_BLOCK.get(offset)
-        if name is None:
-            name = f"<|reserved_special_token_{reserved}|>"
-            reserved += 1
-        tokens.append(name)
-        types.append(int(TokenType.CONTROL))
-    tokens.append(MASK_TEXT)
-    types.append(int(TokenType.CONTROL))
+    tokens += control_tokens(block)
+    types += [int(TokenType.CONTROL)] * (block + 1)
 
     if len(tokens) != vocab_size or len(set(tokens)) != vocab_size:
         raise RuntimeError(f"synthetic vocabulary layout broken: {len(tokens)} tokens, "
                            f"{len(set(tokens))} distinct, wanted {vocab_size}")
     ids = (n_bpe, n_bpe + 1, n_bpe + 9, vocab_size - 1)  # BOS, EOS, EOT, MASK
     return tuple(tokens), tuple(types), merges, ids
+
+
+def control_tokens(block: int) -> list[str]:
+    """The control block in Llama-3's order (BOS, EOS, reserved..., headers, EOT, ...), then
+    |<MASK>|: block + 1 token texts."""
+    names, reserved = [], 0
+    for offset in range(block):
+        name = _NAMED_IN_BLOCK.get(offset)
+        if name is None:
+            name = f"<|reserved_special_token_{reserved}|>"
+            reserved += 1
+        names.append(name)
+    return names + [MASK_TEXT]
 
 
 def chat_template_for(vocab: SynthVocab) -> str:
@@ -220,16 +225,8 @@ def build_char_vocab() -> SynthVocab:
     tokens.append(space + space)
     types = [int(TokenType.NORMAL)] * len(tokens)
     n_bpe = len(tokens)
-    reserved = 0
-    for offset in range(SMALL_CONTROL_BLOCK):
-        name = _NAMED_IN_BLOCK.get(offset)
-        if name is None:
-            name = f"<|reserved_special_token_{reserved}|>"
-            reserved += 1
-        tokens.append(name)
-        types.append(int(TokenType.CONTROL))
-    tokens.append(MASK_TEXT)
-    types.append(int(TokenType.CONTROL))
+    tokens += control_tokens(SMALL_CONTROL_BLOCK)
+    types += [int(TokenType.CONTROL)] * (SMALL_CONTROL_BLOCK + 1)
     return SynthVocab(tokens, types, merges, n_bpe, n_bpe + 1, n_bpe + 9, len(tokens) - 1)
 
 
