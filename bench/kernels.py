@@ -2,8 +2,8 @@
 
     python bench/kernels.py [--threads N] [--kernel vnni512|vnni256|avx2|portable] [--quick]
 
-The peak is a register-only VNNI loop (the 4 x 4 dot-product tile on L1-resident rows, one
-per thread) measured in the same run.  Medians of several calls per shape.
+The peak is the matmul's own register tile (6 tokens x 4 weight vectors of vpdpbusd on the
+vnni512 path) looping over L1-resident rows, one per thread, measured in the same run.  Medians of several calls per shape.
 """
 from __future__ import annotations
 
@@ -17,60 +17,64 @@ from numba import prange
 
 from dlmnumba.kernels.cpu import set_threads
 from dlmnumba.kernels.dispatch import select_path
-from dlmnumba.kernels.lm_head import LM_HEAD, LM_ROWS, TILE_PATH, lm_head_exact_f16
-from dlmnumba.kernels.simd import TILE, dot_tile
+from dlmnumba.kernels.lm_head import (LM_HEAD, LM_ROWS, TILE_PATH, interleave_rows,
+                                      lm_head_exact_f16)
+from dlmnumba.kernels.simd import bcast_tile
 from dlmnumba.kernels.ternary import M_ALIGN, pack_codes, padded_k, ternary_matmul
 
 E, FF, KV, VOCAB = 2560, 6912, 640, 128256
 SHAPES = [("q / o", E, E), ("k / v", E, KV), ("qkv fused", E, E + 2 * KV),
           ("gate / up", E, FF), ("gate|up fused", E, 2 * FF), ("down", FF, E)]
-PEAK_K = 1024  # bytes per row in the peak loop: 8 rows x 1 KiB stay in L1
+PEAK_K = 256  # k per row in the peak loop: 4 x 16 x 256 + 6 x 256 bytes stay in L1
 
 
 @numba.njit(parallel=True, cache=True)
-def _peak(path, u, s, acc, reps):
-    # every thread runs the tile `reps` times on its own L1-resident rows
+def _peak(path, n_vec, w, x, acc, reps):
+    # every thread runs the 6-token tile `reps` times on its own L1-resident rows
     lit = numba.literally(path)
+    nv = numba.literally(n_vec)
     for t in prange(acc.shape[0]):
         for _ in range(reps):
-            dot_tile(lit, u[t].ctypes.data, u.shape[2], s[t].ctypes.data, s.shape[2],
-                     u.shape[2] // 64, acc[t].ctypes.data, 0)
+            bcast_tile(lit, 6, nv, 1, w[t].ctypes.data, w.shape[2], x[t].ctypes.data,
+                       x.shape[2], PEAK_K // 4, acc[t].ctypes.data, acc.shape[2] * 4)
 
 
 @numba.njit(cache=True)
-def _peak_vnni512(u, s, acc, reps):
-    _peak(0, u, s, acc, reps)
+def _peak_vnni512(w, x, acc, reps):
+    _peak(0, 4, w, x, acc, reps)
 
 
 @numba.njit(cache=True)
-def _peak_vnni256(u, s, acc, reps):
-    _peak(1, u, s, acc, reps)
+def _peak_vnni256(w, x, acc, reps):
+    _peak(1, 1, w, x, acc, reps)
 
 
 @numba.njit(cache=True)
-def _peak_avx2(u, s, acc, reps):
-    _peak(2, u, s, acc, reps)
+def _peak_avx2(w, x, acc, reps):
+    _peak(2, 1, w, x, acc, reps)
 
 
 @numba.njit(cache=True)
-def _peak_generic(u, s, acc, reps):
-    _peak(3, u, s, acc, reps)
+def _peak_generic(w, x, acc, reps):
+    _peak(3, 1, w, x, acc, reps)
 
 
-PEAK = {"vnni512": _peak_vnni512, "vnni256": _peak_vnni256, "avx2": _peak_avx2,
-        "portable": _peak_generic}
+PEAK = {"vnni512": (_peak_vnni512, 4), "vnni256": (_peak_vnni256, 1),
+        "avx2": (_peak_avx2, 1), "portable": (_peak_generic, 1)}
 
 
 def measure_peak(path: str, threads: int, seconds: float = 1.0) -> float:
-    """int8 GMAC/s of the register-only tile loop on all threads."""
-    u = np.ones((threads, TILE, PEAK_K), np.uint8)
-    s = np.ones((threads, TILE, PEAK_K), np.int8)
-    acc = np.zeros((threads, 16, 16), np.int32)
-    PEAK[path](u, s, acc, 10)
+    """int8 GMAC/s of the register-tile loop (the matmul's own tile) on L1-resident data,
+    all threads."""
+    fn, n_vec = PEAK[path]
+    w = np.ones((threads, n_vec, PEAK_K * 16), np.uint8)  # n_vec vectors of 16 columns
+    x = np.ones((threads, 6, PEAK_K), np.int8)
+    acc = np.zeros((threads, 6, 16 * n_vec), np.int32)
+    fn(w, x, acc, 10)
     reps = 1000
     while True:
         t = time.perf_counter()
-        PEAK[path](u, s, acc, reps)
+        fn(w, x, acc, reps)
         dt = time.perf_counter() - t
         if dt > seconds / 3:
             break
@@ -78,9 +82,9 @@ def measure_peak(path: str, threads: int, seconds: float = 1.0) -> float:
     best = dt
     for _ in range(2):
         t = time.perf_counter()
-        PEAK[path](u, s, acc, reps)
+        fn(w, x, acc, reps)
         best = min(best, time.perf_counter() - t)
-    return threads * reps * TILE * TILE * PEAK_K / best / 1e9
+    return threads * reps * 6 * 16 * n_vec * PEAK_K / best / 1e9
 
 
 def timed(fn, repeats: int) -> float:
@@ -123,9 +127,11 @@ def main() -> None:
             g = m * k * n / dt / 1e9
             print(f"{name:<16}{k:>6}{n:>8}{m:>5}{dt * 1e3:>10.2f}{g:>9.1f}{100 * g / peak:>7.0f}%")
     # LM head: int8 (VNNI) and exact F16, fused argmax as greedy decoding runs them
-    e8 = rng.integers(-127, 128, (-(-VOCAB // 4) * 4, E), dtype=np.int8)
+    rows = rng.integers(-127, 128, (-(-VOCAB // LM_ROWS) * LM_ROWS, E), dtype=np.int8)
     e_inv = np.ones(VOCAB, np.float32)
-    e_sum = e8[:VOCAB].astype(np.int32).sum(1).astype(np.int32)
+    e_sum = rows[:VOCAB].astype(np.int32).sum(1).astype(np.int32)
+    e8 = interleave_rows(rows)
+    del rows
     e16 = (rng.standard_normal((VOCAB, E), dtype=np.float32) * 0.02).astype(np.float16)
     for m in ms:
         mp = -(-m // M_ALIGN) * M_ALIGN
@@ -138,7 +144,7 @@ def main() -> None:
         g = m * E * VOCAB / dt / 1e9
         print(f"{'LM head int8':<16}{E:>6}{VOCAB:>8}{m:>5}{dt * 1e3:>10.2f}{g:>9.1f}"
               f"{100 * g / peak:>7.0f}%")
-        h = rng.standard_normal((mp, E), dtype=np.float32)
+        h = rng.standard_normal((-(-m // 4) * 4, E), dtype=np.float32)
         dt = timed(lambda: lm_head_exact_f16(none, part, h, e16.view(np.uint16), -1), repeats)
         g = m * E * VOCAB / dt / 1e9
         print(f"{'LM head F16':<16}{E:>6}{VOCAB:>8}{m:>5}{dt * 1e3:>10.2f}{g:>9.1f}"

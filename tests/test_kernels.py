@@ -12,7 +12,7 @@ import pytest
 
 from dlmnumba.kernels import attention as attn_k
 from dlmnumba.kernels import ops
-from dlmnumba.kernels.ternary import (pack_codes, padded_k, ternary_matmul_kernel,
+from dlmnumba.kernels.ternary import (pack_codes, padded_k, padded_n, ternary_matmul_kernel,
                                       unpack_weights)
 
 NO_JIT = os.environ.get("NUMBA_DISABLE_JIT") == "1"
@@ -32,10 +32,16 @@ def test_pack_roundtrip(m, k, n):
     rng = np.random.default_rng(k)
     codes = rng.integers(0, 3, (n, k), dtype=np.uint8)
     packed = pack_codes(codes)
-    assert packed.shape == (n, padded_k(k) // 4)
-    assert np.array_equal(unpack_weights(packed, k), codes.astype(np.int8) - 1)
-    # padding weights are zero: unpacking the padded width shows code 1 there
-    assert np.all(unpack_weights(packed, padded_k(k))[:, k:] == 0)
+    assert packed.shape == (padded_n(n) // 16, padded_k(k) // 16, 64)
+    assert np.array_equal(unpack_weights(packed, n, k), codes.astype(np.int8) - 1)
+    # padding weights and rows are zero: unpacking the padded shape shows code 1 there
+    full = unpack_weights(packed, padded_n(n), padded_k(k))
+    assert np.all(full[:, k:] == 0) and np.all(full[n:] == 0)
+    # the documented layout, bit by bit: W[16 b + col, 16 j + 4 s + i] at bits 2 s of
+    # byte 4 col + i of chunk j of block b
+    r, kk = n - 1, k - 1
+    byte = packed[r // 16, kk // 16, 4 * (r % 16) + kk % 4]
+    assert (byte >> (2 * (kk % 16 // 4))) & 3 == codes[r, kk]
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -185,7 +191,7 @@ def test_kernels_without_jit():
 
 @pytest.mark.parametrize("path", ["vnni512", "vnni256", "avx2", "portable"])
 @pytest.mark.parametrize("m,k,n", [(1, 128, 5), (1, 640, 38), (5, 512, 16), (7, 1536, 37),
-                                   (65, 2560, 24)])
+                                   (65, 2560, 24), (13, 1152, 130)])
 def test_every_kernel_path_is_exact(path, m, k, n):
     """Each instruction path against the plain integer reference, bit for bit (odd M and N
     exercise the padded tiles; K > 1024 crosses the k-chunking)."""
@@ -219,27 +225,33 @@ def test_every_kernel_path_is_exact(path, m, k, n):
 def test_int8_lm_head_exact_and_fused(path):
     """int8 LM head vs the integer reference; fused argmax/confidence vs the full logits."""
     from dlmnumba.kernels.dispatch import supported_paths
-    from dlmnumba.kernels.lm_head import LM_HEAD, LM_ROWS, combine_partials
+    from dlmnumba.kernels.lm_head import LM_HEAD, LM_ROWS, combine_partials, interleave_rows
     if NO_JIT:
         pytest.skip("LLVM intrinsics need the JIT")
     if path != "generic" and path not in supported_paths():
         pytest.skip(f"this CPU cannot execute the {path} path")
     rng = np.random.default_rng(11)
-    m, k, v = 6, 256, 301  # v not a multiple of the tile or of LM_ROWS
-    e8 = np.zeros((304, k), np.int8)
-    e8[:v] = rng.integers(-128, 128, (v, k))
+    m, k, v = 7, 1280, 301  # v not a multiple of the tile or of LM_ROWS; K over K_CHUNK
+    rows = np.zeros((-(-v // LM_ROWS) * LM_ROWS, k), np.int8)
+    rows[:v] = rng.integers(-128, 128, (v, k))
+    rows[3] = -128  # the extreme value on one row
+    e8 = interleave_rows(rows)
     e_inv = rng.uniform(50, 200, v).astype(np.float32)
-    e_sum = e8[:v].astype(np.int32).sum(1).astype(np.int32)
+    e_sum = rows[:v].astype(np.int32).sum(1).astype(np.int32)
     q = rng.integers(-128, 128, (m, k))
-    u = np.full((8, k), 128, np.uint8)
+    q[1] = 127
+    u = np.full((12, k), 128, np.uint8)
     u[:m] = q + 128
     xs = rng.uniform(50, 200, m).astype(np.float32)
     logits = np.empty((m, v), np.float32)
     n_tasks = -(-v // LM_ROWS)
     part = np.empty((n_tasks, m, 3))
     LM_HEAD[path](logits, part, u, xs, e8, e_inv, e_sum, -1)
-    dot = q.astype(np.int64) @ e8[:v].astype(np.int64).T
+    dot = q.astype(np.int64) @ rows[:v].astype(np.int64).T
     assert np.array_equal(logits, dot.astype(np.float32) / (xs[:, None] * e_inv[None, :]))
+    one = np.empty((1, v), np.float32)  # a single token takes the streaming path
+    LM_HEAD[path](one, np.empty((n_tasks, 1, 3)), u[:6], xs[:1], e8, e_inv, e_sum, -1)
+    assert np.array_equal(one, logits[:1])
     for exclude in (-1, int(logits[0].argmax())):
         LM_HEAD[path](np.empty((0, 0), np.float32), part, u, xs, e8, e_inv, e_sum, exclude)
         tok, conf = np.empty(m, np.int64), np.empty(m, np.float32)

@@ -2,7 +2,9 @@
 
 The final hidden state h[M, E] is quantized per token like a BitLinear input (q = rint(h * s),
 s = 127 / max|h|) and shifted to unsigned (u = q + 128, the unsigned operand of vpdpbusd);
-the embedding rows are int8 e8 with their own s_e.  sum u e8 = sum q e8 + 128 sum e8, so
+the embedding rows are int8 e8 with their own s_e, stored in the broadcast layout of
+kernels/simd.py (`interleave_rows`: 16 rows x 4 k per 64-byte vector).  sum u e8 =
+sum q e8 + 128 sum e8, so
     logit[m, r] = (dot(u_m, e8_r) - 128 * esum[r]) / (s[m] * s_e[r]).
 `lm_head_int8` either writes logits[M, V] or, fused, keeps per task a running max, its index
 and the sum of exp(logit - max) per token (online softmax), so greedy decoding never
@@ -15,11 +17,12 @@ import numpy as np
 from numba import prange
 
 from .cpu import jit, pjit
-from .simd import ACC_LANES, PATHS as SIMD_PATHS
-from .simd import STEP, TILE, dot_tile, f16_tile
+from .simd import COLS, F16_LANES, F16_TILE, KSTEP, PATHS as SIMD_PATHS
+from .simd import bcast_tile, f16_tile
+from .ternary import M_ALIGN
 
-LM_ROWS = 16  # vocabulary rows per parallel task
-K_CHUNK = 1024  # bytes of k per pass, as in the ternary kernel
+LM_ROWS = 64  # vocabulary rows per parallel task (4 vectors of 16); E rows padded to this
+K_CHUNK = 1024  # k per pass over the task's rows (they and the token tiles stay in L2)
 U_OFFSET = 128  # added to int8 activations to make them unsigned
 # CPU path -> tile path: avx2's vpmaddubsw would saturate on u8 x s8 products, so it and the
 # portable path use the generic vector IR tile
@@ -58,36 +61,47 @@ def _emit(blk, logits, part, t, r0, exclude):
         part[t, m, 2] = r0 + arg if mx != -np.inf else -1
 
 
+def interleave_rows(rows: np.ndarray) -> np.ndarray:
+    """int8 rows[V, Kp] (V a multiple of 16, Kp of 4) -> the broadcast layout [V/16, Kp/4, 64]:
+    vector b, step s, byte 4 col + i = rows[16 b + col, 4 s + i]."""
+    v, kp = rows.shape
+    return np.ascontiguousarray(
+        rows.reshape(v // COLS, COLS, kp // KSTEP, KSTEP).transpose(0, 2, 1, 3)
+        .reshape(v // COLS, kp // KSTEP, COLS * KSTEP))
+
+
 @pjit
-def lm_head_int8(path, logits, part, u, xscale, e8, e_inv, e_sum, exclude):
+def lm_head_int8(path, n_vec, logits, part, u, xscale, e8, e_inv, e_sum, exclude):
     # logits[M, V] = (u . e8 - 128 esum) / (xscale e_inv), or fused partials (see _emit)
-    # u[Mp, Kp] uint8, e8[Vp, Kp] int8 (Vp % 4 == 0)
+    # u[Mp, Kp] uint8 (Mp % M_ALIGN == 0), e8[Vb, Kp/4, 64] int8 (Vb % 4 == 0)
     m_rows = xscale.shape[0]
     mp, kp = u.shape
     v = e_inv.shape[0]
     lit = numba.literally(path)
-    n_m = mp // TILE
+    nv = numba.literally(n_vec)
+    vstride = kp * COLS  # bytes per vector of 16 rows
+    blocks = LM_ROWS // COLS
     for t in prange((v + LM_ROWS - 1) // LM_ROWS):
-        acc = np.zeros((LM_ROWS // TILE, n_m, TILE * TILE, ACC_LANES), np.int32)
-        sums = np.empty((LM_ROWS // TILE, n_m, TILE * TILE), np.int32)
+        acc = np.zeros((mp, LM_ROWS), np.int32)
+        b0 = t * blocks
+        if m_rows == 1:  # one token: stream each row once
+            for c0 in range(0, blocks, nv):
+                bcast_tile(lit, 1, nv, 0, e8[b0 + c0].ctypes.data, vstride, u.ctypes.data, kp,
+                           kp // KSTEP, acc.ctypes.data + c0 * COLS * 4, LM_ROWS * 4)
+        else:
+            for k0 in range(0, kp, K_CHUNK):
+                steps = (min(kp, k0 + K_CHUNK) - k0) // KSTEP
+                for t0 in range(0, mp, M_ALIGN):
+                    for c0 in range(0, blocks, nv):
+                        bcast_tile(lit, 6, nv, 0, e8[b0 + c0, k0 // KSTEP].ctypes.data,
+                                   vstride, u.ctypes.data + t0 * kp + k0, kp, steps,
+                                   acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4, LM_ROWS * 4)
         r0 = t * LM_ROWS
         nr = min(LM_ROWS, v - r0)
-        n_j = (nr + TILE - 1) // TILE
-        for k0 in range(0, kp, K_CHUNK):
-            steps = (min(kp, k0 + K_CHUNK) - k0) // STEP
-            last = k0 + K_CHUNK >= kp
-            for mt in range(n_m):
-                for jt in range(n_j):
-                    dot_tile(lit, u.ctypes.data + mt * TILE * kp + k0, kp,
-                             e8.ctypes.data + (r0 + jt * TILE) * kp + k0, kp, steps,
-                             acc[jt, mt].ctypes.data, sums[jt, mt].ctypes.data if last else 0)
         blk = np.empty((m_rows, nr), np.float32)
         for m in range(m_rows):
-            mt, i = divmod(m, TILE)
             for c in range(nr):
-                jt, j = divmod(c, TILE)
-                dot = sums[jt, mt, i * TILE + j]
-                blk[m, c] = np.float32(dot - U_OFFSET * e_sum[r0 + c]) / (
+                blk[m, c] = np.float32(acc[m, c] - U_OFFSET * e_sum[r0 + c]) / (
                     xscale[m] * e_inv[r0 + c])
         _emit(blk, logits, part, t, r0, exclude)
 
@@ -101,15 +115,15 @@ def lm_head_f16(n_tok, logits, part, h, e16, exclude):
     m_rows = part.shape[1]
     lit = numba.literally(n_tok)
     for t in prange((v + LM_ROWS - 1) // LM_ROWS):
-        acc = np.zeros((TILE * TILE, ACC_LANES), np.float32)
-        tail = np.zeros((TILE, k), np.uint16)
+        acc = np.zeros((F16_TILE * F16_TILE, F16_LANES), np.float32)
+        tail = np.zeros((F16_TILE, k), np.uint16)
         r0 = t * LM_ROWS
         nr = min(LM_ROWS, v - r0)
         blk = np.empty((m_rows, nr), np.float32)
-        for c0 in range(0, nr, TILE):
-            rows = min(TILE, nr - c0)
-            src = e16[r0 + c0:r0 + c0 + TILE]
-            if rows < TILE:  # last rows of the vocabulary: a padded copy, no read past the end
+        for c0 in range(0, nr, F16_TILE):
+            rows = min(F16_TILE, nr - c0)
+            src = e16[r0 + c0:r0 + c0 + F16_TILE]
+            if rows < F16_TILE:  # last rows of the vocabulary: a padded copy, no read past the end
                 tail[:rows] = e16[r0 + c0:r0 + c0 + rows]
                 src = tail
             for m0 in range(0, m_rows, lit):
@@ -119,8 +133,8 @@ def lm_head_f16(n_tok, logits, part, h, e16, exclude):
                 for i in range(rows):
                     for j in range(min(lit, m_rows - m0)):
                         x = np.float32(0.0)
-                        for lane in range(ACC_LANES):
-                            x += acc[i * TILE + j, lane]
+                        for lane in range(F16_LANES):
+                            x += acc[i * F16_TILE + j, lane]
                         blk[m0 + j, c0 + i] = x
         _emit(blk, logits, part, t, r0, exclude)
 
@@ -166,17 +180,17 @@ def quantize_activations_u8(u, xscale, h):
 # one entry point per tile path (constant literal: compiled on first use only)
 @jit
 def _lm_vnni512(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
-    lm_head_int8(0, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
+    lm_head_int8(0, 4, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
 
 
 @jit
 def _lm_vnni256(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
-    lm_head_int8(1, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
+    lm_head_int8(1, 1, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
 
 
 @jit
 def _lm_generic(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
-    lm_head_int8(3, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
+    lm_head_int8(3, 1, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
 
 
 LM_HEAD = {"vnni512": _lm_vnni512, "vnni256": _lm_vnni256, "generic": _lm_generic}

@@ -15,7 +15,7 @@ from ..errors import ModelFormatError
 from ..gguf import quants
 from ..gguf.reader import GGUFFile
 from ..gguf.spec import ModelSpec
-from ..kernels.ternary import pack_codes, padded_k
+from ..kernels.ternary import ROW_ALIGN, pack_codes, padded_k, unpack_weights
 
 TQ_GROUP = 256  # weights per TQ1_0/TQ2_0 block, each with its own f16 scale
 
@@ -45,7 +45,7 @@ NORMS = {
 class Ternary(NamedTuple):
     """A ternary matrix W[n_out, k] in kernel layout."""
 
-    packed: np.ndarray  # uint8 [n_out, padded_k / 4]
+    packed: np.ndarray  # uint8 [padded_n / 16, padded_k / 16, 64] (kernels/ternary.py)
     scales: np.ndarray  # float32 [n_out, G]: scale per group of `group` weights of a row
     group: int  # weights per scale group (padded_k when G == 1)
     k: int  # logical input width
@@ -104,24 +104,28 @@ class Embedding:
 class Int8Head(NamedTuple):
     """The LM head quantized to int8 per row (kernels/lm_head.py)."""
 
-    e8: np.ndarray  # int8 [Vp, Kp], rows padded to a multiple of 4 with zeros
+    e8: np.ndarray  # int8 [Vp / 16, Kp / 4, 64]: rows padded to LM_ROWS, broadcast layout
     e_inv: np.ndarray  # float32 [V]: 127 / max|row| (the row's quantization scale)
     e_sum: np.ndarray  # int32 [V]: sum of the row's int8 values (unsigned-offset correction)
 
 
 def quantize_head(emb: Embedding, chunk: int = 8192) -> Int8Head:
     """Quantize the LM head per row to int8, the way activations are (absmax, half-even)."""
+    from ..kernels.lm_head import LM_ROWS, interleave_rows
     from ..kernels.ops import quantize_rows
 
     kp = padded_k(emb.n_cols)
-    vp = -(-emb.n_rows // 4) * 4
-    e8 = np.zeros((vp, kp), np.int8)
+    vp = -(-emb.n_rows // LM_ROWS) * LM_ROWS
+    e8 = np.empty((vp // 16, kp // 4, 64), np.int8)
     e_inv = np.empty(emb.n_rows, np.float32)
     e_sum = np.empty(emb.n_rows, np.int32)
-    for start in range(0, emb.n_rows, chunk):
+    for start in range(0, emb.n_rows, chunk):  # chunk: a multiple of 16
         stop = min(emb.n_rows, start + chunk)
-        quantize_rows(e8[start:stop], e_inv[start:stop], e_sum[start:stop],
+        rows = np.zeros((-(-(stop - start) // 16) * 16, kp), np.int8)
+        quantize_rows(rows, e_inv[start:stop], e_sum[start:stop],
                       np.ascontiguousarray(emb.rows_f32(start, stop)))
+        e8[start // 16:start // 16 + rows.shape[0] // 16] = interleave_rows(rows)
+    e8[-(-emb.n_rows // 16):] = 0  # padding rows
     return Int8Head(e8, e_inv, e_sum)
 
 
@@ -249,8 +253,12 @@ def _fuse(parts: list[Ternary]) -> Ternary:
     if len({p.group for p in parts}) > 1:
         parts = [p._replace(scales=np.repeat(p.scales, p.group // TQ_GROUP, axis=1), group=TQ_GROUP)
                  if p.scales.shape[1] == 1 else p for p in parts]
-    return Ternary(np.concatenate([p.packed for p in parts]),
-                   np.concatenate([p.scales for p in parts]), parts[0].group, parts[0].k)
+    if all(p.scales.shape[0] % ROW_ALIGN == 0 for p in parts[:-1]):  # blocks line up
+        packed = np.concatenate([p.packed for p in parts])
+    else:  # a part's padding rows would sit inside the stack: pack the codes again
+        packed = pack_codes(np.concatenate([unpack_weights(p.packed, p.scales.shape[0], p.k)
+                                            for p in parts]) + 1)
+    return Ternary(packed, np.concatenate([p.scales for p in parts]), parts[0].group, parts[0].k)
 
 
 def type_name(qtype: int) -> str:
