@@ -280,3 +280,25 @@ def test_cached_kernels_dropped_when_simd_ir_changes():
     stamp.write_text("0" * 64)
     K._drop_stale_kernel_caches()
     assert not fake.exists() and stamp.read_text() == good
+
+
+@pytest.mark.parametrize("n_rows,chunk", [(301, 64), (128, 8192), (37, 16)])
+def test_quantize_head_layout_and_sums(n_rows, chunk):
+    """quantize_head against a per-row numpy quantization, read back through the documented
+    broadcast layout; row counts that are not a multiple of 16 (or of the chunk) leave the
+    neighbouring arrays intact (the chunk's padding rows once wrote past e_sum)."""
+    from dlmnumba.model.weights import F32, Embedding, quantize_head
+    rng = np.random.default_rng(n_rows)
+    k = 200
+    emb_f = (rng.standard_normal((n_rows, k)) * rng.uniform(0.1, 3, (n_rows, 1))).astype(np.float32)
+    head = quantize_head(Embedding(emb_f.reshape(-1).view(np.uint8), F32, n_rows, k, "t"), chunk)
+    qr, sr = ref_quantize(emb_f)
+    e8 = head.e8
+    assert e8.shape == (-(-n_rows // 64) * 4, padded_k(k) // 4, 64)
+    # row r, column kk sits in vector r // 16, step kk // 4, byte 4 (r % 16) + kk % 4
+    back = e8.reshape(e8.shape[0], e8.shape[1], 16, 4).transpose(0, 2, 1, 3).reshape(
+        e8.shape[0] * 16, -1)
+    assert np.array_equal(back[:n_rows, :k], qr)
+    assert np.all(back[n_rows:] == 0) and np.all(back[:, k:] == 0)
+    assert np.array_equal(head.e_inv, sr)
+    assert np.array_equal(head.e_sum, qr.sum(1))

@@ -197,6 +197,19 @@ LM_HEAD = {"vnni512": _lm_vnni512, "vnni256": _lm_vnni256, "generic": _lm_generi
 assert all(SIMD_PATHS.index(p) == i for i, p in ((0, "vnni512"), (1, "vnni256"), (3, "generic")))
 
 
+def lm_head_int8_run(path: str, logits: np.ndarray, part: np.ndarray, u: np.ndarray,
+                     xscale: np.ndarray, e8: np.ndarray, e_inv: np.ndarray, e_sum: np.ndarray,
+                     exclude: int) -> None:
+    """The int8 LM head on tile path `path` (see lm_head_int8), its operands' shapes checked."""
+    m, v = xscale.shape[0], e_inv.shape[0]
+    if (u.shape[1] != e8.shape[1] * KSTEP or u.shape[0] % M_ALIGN or u.shape[0] < m
+            or e8.shape[0] * COLS < v or (e8.shape[0] * COLS) % LM_ROWS
+            or part.shape[:2] != (-(-v // LM_ROWS), m)):
+        raise ValueError(f"int8 LM head operands do not fit: u {u.shape}, e8 {e8.shape}, "
+                         f"{m} tokens, {v} rows, partials {part.shape}")
+    LM_HEAD[path](logits, part, u, xscale, e8, e_inv, e_sum, exclude)
+
+
 @jit
 def _f16_one(logits, part, h, e16, exclude):
     lm_head_f16(1, logits, part, h, e16, exclude)

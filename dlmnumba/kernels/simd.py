@@ -235,6 +235,26 @@ def unpack16(typingctx, dst_addr, src_addr, n_chunks):
     return sig, codegen
 
 
+@intrinsic
+def prefetch(typingctx, addr, n_bytes):
+    """Hint the cache lines of [addr, addr + n_bytes) into cache (software prefetch, no fault)."""
+    sig = types.void(types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a, n = args
+        fn = _declare(builder.module, "llvm.prefetch.p0", ir.VoidType(),
+                      [_I8.as_pointer(), _I32, _I32, _I32])
+        base = builder.inttoptr(a, _I8.as_pointer())
+        lines = builder.udiv(builder.add(n, _const(63)), _const(64))
+        with cgutils.for_range(builder, lines) as loop:
+            ptr = builder.gep(base, [builder.mul(loop.index, _const(64))])
+            builder.call(fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3),
+                              ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 F16_TILE = 4  # embedding rows and token rows per exact-head tile
 F16_LANES = 16  # float32 lanes kept per (row, token) pair in its accumulator buffer
 

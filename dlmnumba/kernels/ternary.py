@@ -18,7 +18,8 @@ import numpy as np
 from numba import prange
 
 from .cpu import jit, pjit
-from .simd import COLS, KSTEP, PACK_K, PATHS as SIMD_PATHS, VEC, bcast_tile, packed_vec, unpack16
+from .simd import COLS, KSTEP, PACK_K, PATHS as SIMD_PATHS, VEC, bcast_tile, packed_vec, prefetch
+from .simd import unpack16
 
 PACK_BLOCK = 128  # K is padded to a multiple of this (the activations' row length too)
 ROW_ALIGN = 64  # N is padded to a multiple of this: 4 blocks, one matmul task
@@ -166,6 +167,12 @@ def ternary_matmul_simd(path, n_vec, out, q, qsum, xscale, packed, scales):
             for c in range(BLOCKS):
                 unpack16(codes[c].ctypes.data, packed[t * BLOCKS + c, k0 // PACK_K].ctypes.data,
                          steps * KSTEP // PACK_K)
+            # while the tiles run, fetch the packed bytes the next chunk (or task) unpacks
+            nt, nk = (np.int64(t), k0 + K_CHUNK) if k0 + K_CHUNK < kp else (np.int64(t) + 1, 0)
+            if nt * BLOCKS < packed.shape[0]:
+                for c in range(BLOCKS):
+                    prefetch(packed[nt * BLOCKS + c, nk // PACK_K].ctypes.data,
+                             min(K_CHUNK, kp - nk) // PACK_K * VEC)
             for t0 in range(0, mp, M_ALIGN):
                 for c0 in range(0, BLOCKS, nv):
                     bcast_tile(lit, 6, nv, 1, codes[c0].ctypes.data, vstride,
@@ -251,6 +258,11 @@ def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.
     q is int8 [Mp, Kp] (rows padded to a multiple of M_ALIGN with zeros), qsum its row sums.
     Matrices with several scale groups per row use the portable kernel on every path; a
     single token (M = 1, autoregressive decoding) the in-register unpacking mat-vec."""
+    m, n = out.shape
+    if (q.shape[1] != packed.shape[1] * PACK_K or q.shape[0] % M_ALIGN or q.shape[0] < m
+            or packed.shape[0] * COLS < n or packed.shape[0] % BLOCKS or scales.shape[0] != n):
+        raise ValueError(f"ternary matmul operands do not fit: out {out.shape}, q {q.shape}, "
+                         f"packed {packed.shape}, scales {scales.shape}")
     if scales.shape[1] != 1:
         ternary_matmul_kernel(out, q, xscale, packed, scales, group)
     elif out.shape[0] == 1:

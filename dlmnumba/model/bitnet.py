@@ -15,10 +15,10 @@ from ..kernels import attention as attn_k
 from ..kernels import ops
 from ..kernels.cpu import set_threads
 from ..kernels.dispatch import select_path
-from ..kernels.simd import F16_TILE
+from ..kernels.simd import F16_TILE, KSTEP
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .kv_cache import KVCache
-from ..kernels.lm_head import (LM_HEAD, LM_ROWS, TILE_PATH, combine_partials,
+from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, lm_head_int8_run,
                                lm_head_exact_f16, quantize_activations_u8)
 from .weights import F16, Int8Head, Ternary, Weights, load_weights, quantize_head
 
@@ -116,11 +116,11 @@ class Model:
         part = np.empty((-(-emb.n_rows // LM_ROWS), m, 3), np.float64)
         if self.head8 is not None:
             hd = self.head8
-            u = np.empty((mp, hd.e8.shape[1]), np.uint8)
+            u = np.empty((mp, hd.e8.shape[1] * KSTEP), np.uint8)
             xs = np.empty(m, np.float32)
             quantize_activations_u8(u, xs, h)
-            LM_HEAD[TILE_PATH[self.kernel]](logits, part, u, xs, hd.e8, hd.e_inv, hd.e_sum,
-                                            exclude)
+            lm_head_int8_run(TILE_PATH[self.kernel], logits, part, u, xs, hd.e8, hd.e_inv,
+                             hd.e_sum, exclude)
             return part
         if emb.qtype == F16 and emb.n_cols % 16 == 0:
             hp = np.zeros((-(-m // F16_TILE) * F16_TILE, emb.n_cols), np.float32)

@@ -121,9 +121,10 @@ def quantize_head(emb: Embedding, chunk: int = 8192) -> Int8Head:
     e_sum = np.empty(emb.n_rows, np.int32)
     for start in range(0, emb.n_rows, chunk):  # chunk: a multiple of 16
         stop = min(emb.n_rows, start + chunk)
-        rows = np.zeros((-(-(stop - start) // 16) * 16, kp), np.int8)
-        quantize_rows(rows, e_inv[start:stop], e_sum[start:stop],
-                      np.ascontiguousarray(emb.rows_f32(start, stop)))
+        rows = np.empty((-(-(stop - start) // 16) * 16, kp), np.int8)  # zero padding rows
+        sums = np.empty(rows.shape[0], np.int32)
+        quantize_rows(rows, e_inv[start:stop], sums, np.ascontiguousarray(emb.rows_f32(start, stop)))
+        e_sum[start:stop] = sums[:stop - start]
         e8[start // 16:start // 16 + rows.shape[0] // 16] = interleave_rows(rows)
     e8[-(-emb.n_rows // 16):] = 0  # padding rows
     return Int8Head(e8, e_inv, e_sum)
