@@ -22,8 +22,9 @@ from forward_pass import default_model  # noqa: E402
 
 GROUPS = {  # substring of the profiled function's file:name -> family
     "ternary": "ternary matmul", "lm_head": "LM head", "attention": "attention",
-    "rmsnorm": "norms", "quantize": "activation quantization", "rope": "RoPE",
-    "relu2": "activation", "silu": "activation", "add_inplace": "residual",
+    "act_rmsnorm_quantize": "activation + sub-norm + int8 (fused)",
+    "rmsnorm_quantize": "residual + norm + int8 (fused)", "rmsnorm": "norms",
+    "quantize": "activation quantization", "rope": "RoPE", "add_inplace": "residual",
     "lookup": "embedding lookup", "combine": "LM head",
 }
 

@@ -160,15 +160,8 @@ def test_attention_masks(block):
         assert not np.allclose(causal, ref)
 
 
-def test_activations_and_argmax():
+def test_argmax_confidence():
     rng = np.random.default_rng(4)
-    gu = rng.standard_normal((3, 10)).astype(np.float32)
-    out = np.empty((3, 5), np.float32)
-    ops.relu2_mul(out, gu, 5)
-    np.testing.assert_allclose(out, np.maximum(gu[:, :5], 0) ** 2 * gu[:, 5:], rtol=1e-6)
-    ops.silu_mul(out, gu, 5)
-    g = gu[:, :5].astype(np.float64)
-    np.testing.assert_allclose(out, g / (1 + np.exp(-g)) * gu[:, 5:], rtol=1e-5, atol=1e-7)
     logits = rng.standard_normal((4, 50)).astype(np.float32) * 3
     tok = np.empty(4, np.int64)
     conf = np.empty(4, np.float32)
@@ -302,3 +295,63 @@ def test_quantize_head_layout_and_sums(n_rows, chunk):
     assert np.all(back[n_rows:] == 0) and np.all(back[:, k:] == 0)
     assert np.array_equal(head.e_inv, sr)
     assert np.array_equal(head.e_sum, qr.sum(1))
+
+
+def _norm_then_quantize(x, w, eps, mp, kp):
+    """The unfused reference: ops.rmsnorm, then ops.quantize_rows (each tested above)."""
+    a = np.empty_like(x)
+    ops.rmsnorm(a, x, w, eps)
+    q = np.empty((mp, kp), np.int8)
+    xs = np.empty(x.shape[0], np.float32)
+    qsum = np.empty(mp, np.int32)
+    ops.quantize_rows(q, xs, qsum, a)
+    return q, xs, qsum
+
+
+@pytest.mark.parametrize("with_res", [False, True])
+def test_rmsnorm_quantize_equals_the_separate_kernels(with_res):
+    """Fused [residual add] + rmsnorm + int8 quantization: bit-identical to the unfused kernels,
+    padding rows and columns zero, and x updated in place by the residual."""
+    rng = np.random.default_rng(5)
+    m, e, mp, kp = 7, 200, 12, 256
+    x = (rng.standard_normal((m, e)) * 3).astype(np.float32)
+    res = rng.standard_normal((m, e)).astype(np.float32) if with_res else np.empty((0, e), np.float32)
+    w = rng.uniform(0.5, 1.5, e).astype(np.float32)
+    expect_x = x + res if with_res else x.copy()
+    ref = _norm_then_quantize(expect_x, w, 1e-5, mp, kp)
+    q = np.full((mp, kp), 99, np.int8)
+    xs = np.empty(m, np.float32)
+    qsum = np.full(mp, 99, np.int32)
+    ops.rmsnorm_quantize(q, xs, qsum, x, res, w, 1e-5)
+    assert np.array_equal(x, expect_x)
+    for got, want in zip((q, xs, qsum), ref):
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_act_rmsnorm_quantize(silu):
+    """Fused gated activation + rmsnorm + int8: relu^2 bit-identical to numpy's float32 g*g*up
+    through the unfused kernels; silu (libm vs numpy exp may differ by an ulp) within one
+    quantization step."""
+    rng = np.random.default_rng(6)
+    m, f, mp, kp = 5, 300, 6, 384
+    gu = (rng.standard_normal((m, 2 * f)) * 2).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, f).astype(np.float32)
+    gate, up = gu[:, :f], gu[:, f:]
+    if silu:
+        g = (gate.astype(np.float64) / (1 + np.exp(-gate.astype(np.float64))) * up).astype(np.float32)
+    else:
+        r = np.maximum(gate, np.float32(0))
+        g = r * r * up
+    ref_q, ref_xs, _ = _norm_then_quantize(g, w, 1e-5, mp, kp)
+    q = np.full((mp, kp), 99, np.int8)
+    xs = np.empty(m, np.float32)
+    qsum = np.full(mp, 99, np.int32)
+    ops.act_rmsnorm_quantize(q, xs, qsum, gu, f, w, 1e-5, silu)
+    assert np.all(q[m:] == 0) and np.all(q[:, f:] == 0) and np.all(qsum[m:] == 0)
+    assert np.array_equal(qsum[:m], q[:m].astype(np.int64).sum(1))
+    if silu:
+        assert np.abs(q.astype(int) - ref_q).max() <= 1
+        np.testing.assert_allclose(xs, ref_xs, rtol=1e-5)
+    else:
+        assert np.array_equal(q, ref_q) and np.array_equal(xs, ref_xs)

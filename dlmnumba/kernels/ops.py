@@ -17,11 +17,7 @@ def rmsnorm(out, x, weight, eps):
     # out[M, E] = x[M, E] / sqrt(mean(x^2) + eps) * weight[E]
     m_rows, e = x.shape
     for m in prange(m_rows):
-        ss = 0.0
-        for i in range(e):
-            v = np.float64(x[m, i])
-            ss += v * v
-        r = np.float32(1.0 / np.sqrt(ss / e + eps))
+        r = np.float32(1.0 / np.sqrt(_sum_squares(x[m]) / e + eps))
         for i in range(e):
             out[m, i] = x[m, i] * r * weight[i]
 
@@ -32,27 +28,102 @@ def quantize_rows(q, xscale, qsum, x):
     # s = 127 / max(|x|, 1e-5); q = clamp(round_half_even(x * s), -128, 127); qsum = sum q.
     # Padding (columns K.., rows M..) is zero.
     m_rows, k = x.shape
-    mp, kp = q.shape
-    for m in prange(mp):
+    for m in prange(q.shape[0]):
         if m >= m_rows:
             q[m, :] = 0
             qsum[m] = 0
             continue
-        amax = np.float32(ABSMAX_FLOOR)
-        for i in range(k):
-            a = abs(x[m, i])
-            if a > amax:
-                amax = a
-        s = np.float32(QMAX) / amax
-        xscale[m] = s
-        total = 0
-        for i in range(k):
-            v = np.int32(min(max(np.rint(x[m, i] * s), QMIN), QMAX))
-            q[m, i] = v
-            total += v
-        qsum[m] = total
-        for i in range(k, kp):
-            q[m, i] = 0
+        xscale[m], qsum[m] = _quantize_row(q[m], x[m])
+
+
+@jit
+def _quantize_row(qrow, x):
+    # qrow[Kp] = clamp(round_half_even(x * s), -128, 127), zero beyond x; -> (s, sum q)
+    s = np.float32(QMAX) / _absmax(x, ABSMAX_FLOOR)
+    total = np.int32(0)
+    for i in range(x.shape[0]):
+        v = np.int32(min(max(np.rint(x[i] * s), np.float32(QMIN)), np.float32(QMAX)))
+        qrow[i] = v
+        total += v
+    for i in range(x.shape[0], qrow.shape[0]):
+        qrow[i] = 0
+    return s, total
+
+
+@jit
+def _quantize_normed(qrow, buf, r, weight):
+    # buf[:E] *= r * weight (as rmsnorm), then qrow = quantize_rows of it; -> (scale, sum q)
+    for i in range(buf.shape[0]):
+        buf[i] = buf[i] * r * weight[i]
+    return _quantize_row(qrow, buf)
+
+
+@jit
+def _sum_squares(x):
+    # sum of x[i]^2 in float64, as 8 interleaved partial sums (independent chains, so the
+    # adds overlap) combined in a fixed order: deterministic on every machine
+    n = x.shape[0]
+    s = np.zeros(8, np.float64)
+    n8 = n - n % 8
+    for i in range(0, n8, 8):
+        for j in range(8):
+            v = np.float64(x[i + j])
+            s[j] += v * v
+    for i in range(n8, n):
+        v = np.float64(x[i])
+        s[0] += v * v
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
+
+
+# max is exact in any order for non-NaN values, so letting LLVM vectorize it changes nothing
+@jit(fastmath={"nnan"})
+def _absmax(x, floor):
+    amax = np.float32(floor)
+    for i in range(x.shape[0]):
+        amax = max(amax, abs(x[i]))
+    return amax
+
+
+@pjit
+def rmsnorm_quantize(q, xscale, qsum, x, res, weight, eps):
+    # x[M, E] += res (when res has rows; the residual add), then q, xscale, qsum =
+    # quantize_rows(rmsnorm(x, weight, eps)) in one pass per row: the same float operations
+    # as rmsnorm followed by quantize_rows, without writing the normed rows
+    m_rows, e = x.shape
+    for m in prange(q.shape[0]):
+        if m >= m_rows:
+            q[m, :] = 0
+            qsum[m] = 0
+            continue
+        if res.shape[0]:
+            for i in range(e):
+                x[m, i] += res[m, i]
+        buf = x[m].copy()
+        r = np.float32(1.0 / np.sqrt(_sum_squares(buf) / e + eps))
+        xscale[m], qsum[m] = _quantize_normed(q[m], buf, r, weight)
+
+
+@pjit
+def act_rmsnorm_quantize(q, xscale, qsum, gate_up, n_ff, weight, eps, silu):
+    # g = relu(gate)^2 * up (silu: silu(gate) * up), gate_up[M, 2F] = [gate | up]; then
+    # q, xscale, qsum = quantize_rows(rmsnorm(g, weight, eps)), as the separate kernels compute
+    m_rows = gate_up.shape[0]
+    for m in prange(q.shape[0]):
+        if m >= m_rows:
+            q[m, :] = 0
+            qsum[m] = 0
+            continue
+        buf = np.empty(n_ff, np.float32)
+        gate, up = gate_up[m, :n_ff], gate_up[m, n_ff:]
+        if silu:
+            for i in range(n_ff):
+                buf[i] = gate[i] / (np.float32(1.0) + np.exp(-gate[i])) * up[i]
+        else:  # one branch-free loop: vectorizes
+            for i in range(n_ff):
+                g = max(gate[i], np.float32(0.0))
+                buf[i] = g * g * up[i]
+        r = np.float32(1.0 / np.sqrt(_sum_squares(buf) / n_ff + eps))
+        xscale[m], qsum[m] = _quantize_normed(q[m], buf, r, weight)
 
 
 @pjit
@@ -76,26 +147,6 @@ def rope_tables(positions: np.ndarray, n_rot: int, base: float) -> tuple[np.ndar
     inv_freq = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
     ang = positions.astype(np.float64)[:, None] * inv_freq[None, :]
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-
-
-@pjit
-def relu2_mul(out, gate_up, n_ff):
-    # out[M, F] = relu(gate)^2 * up, gate_up[M, 2F] = [gate | up]
-    m_rows = out.shape[0]
-    for m in prange(m_rows):
-        for i in range(n_ff):
-            g = max(gate_up[m, i], np.float32(0.0))
-            out[m, i] = g * g * gate_up[m, n_ff + i]
-
-
-@pjit
-def silu_mul(out, gate_up, n_ff):
-    # out[M, F] = silu(gate) * up, gate_up[M, 2F] = [gate | up]
-    m_rows = out.shape[0]
-    for m in prange(m_rows):
-        for i in range(n_ff):
-            g = gate_up[m, i]
-            out[m, i] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[m, n_ff + i]
 
 
 @jit

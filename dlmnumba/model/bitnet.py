@@ -1,7 +1,6 @@
 """The BitNet b1.58 transformer: load a GGUF file, run a batch of tokens against a KV cache."""
 from __future__ import annotations
 
-import functools
 import time
 from typing import Sequence
 
@@ -152,24 +151,29 @@ class Model:
         e, ekv, hd = s.n_embd, s.n_embd_kv, s.head_dim
 
         x = w.token_embd.lookup(ids)
-        a = np.empty((m, e), np.float32)
         mp = -(-m // M_ALIGN) * M_ALIGN
-        q_e = np.empty((mp, padded_k(e)), np.int8)
+        q_e = np.empty((mp, padded_k(e)), np.int8)  # int8 activations of the BitLinear inputs
         q_f = np.empty((mp, padded_k(s.n_ff)), np.int8)
         xs = np.empty(m, np.float32)
         qsum = np.empty(mp, np.int32)
-        lin = functools.partial(_bitlinear, xscale=xs, qsum=qsum, path=self.kernel)
         qkv = np.empty((m, e + 2 * ekv), np.float32)
         att = np.empty((m, s.n_head, hd), np.float32)
         proj = np.empty((m, e), np.float32)
         gu = np.empty((m, 2 * s.n_ff), np.float32)
-        g = np.empty((m, s.n_ff), np.float32)
-        act = ops.relu2_mul if s.activation == "relu2" else ops.silu_mul
+        silu = s.activation != "relu2"
+        no_res = np.empty((0, e), np.float32)
+        res = no_res  # a residual not yet added to x (the previous layer's down projection)
 
+        def linear(out, q, wt):
+            ternary_matmul(out, q, qsum, xs, wt.packed, wt.scales, wt.group, self.kernel)
+
+        # Each BitLinear input is normed and quantized to int8 by one fused kernel
+        # (ops.rmsnorm_quantize: [x += residual], rmsnorm, absmax int8 per row).
         for li, L in enumerate(w.layers):
-            # attention: norm -> int8 -> q,k,v -> rope -> cache -> attend -> sub-norm -> Wo
-            ops.rmsnorm(a, x, L.attn_norm, s.rms_eps)
-            lin(qkv, a, q_e, L.qkv)
+            # attention: [x += res] -> norm -> int8 -> q,k,v -> rope -> cache -> attend ->
+            # sub-norm -> int8 -> Wo
+            ops.rmsnorm_quantize(q_e, xs, qsum, x, res, L.attn_norm, s.rms_eps)
+            linear(qkv, q_e, L.qkv)
             q = np.ascontiguousarray(qkv[:, :e].reshape(m, s.n_head, hd))
             k = np.ascontiguousarray(qkv[:, e:e + ekv].reshape(m, s.n_head_kv, hd))
             ops.rope_neox(q, cos, sin)
@@ -177,16 +181,17 @@ class Model:
             cache.k[li, :, first:n_keys] = k.transpose(1, 0, 2)
             cache.v[li, :, first:n_keys] = qkv[:, e + ekv:].reshape(m, s.n_head_kv, hd).transpose(1, 0, 2)
             attn_k.attention(att, q, cache.k[li], cache.v[li], cache.pos, n_keys, pos, block, scale)
-            ops.rmsnorm(a, att.reshape(m, e), L.attn_sub_norm, s.rms_eps)
-            lin(proj, a, q_e, L.o)
-            ops.add_inplace(x, proj)
-            # feed-forward: norm -> int8 -> gate,up -> act(gate)*up -> sub-norm -> Wdown
-            ops.rmsnorm(a, x, L.ffn_norm, s.rms_eps)
-            lin(gu, a, q_e, L.gate_up)
-            act(g, gu, s.n_ff)
-            ops.rmsnorm(g, g, L.ffn_sub_norm, s.rms_eps)
-            lin(proj, g, q_f, L.down)
-            ops.add_inplace(x, proj)
+            ops.rmsnorm_quantize(q_e, xs, qsum, att.reshape(m, e), no_res, L.attn_sub_norm,
+                                 s.rms_eps)
+            linear(proj, q_e, L.o)
+            # feed-forward: x += Wo out -> norm -> int8 -> gate,up -> act(gate)*up -> sub-norm
+            # -> int8 -> Wdown (added to x by the next layer's first kernel)
+            ops.rmsnorm_quantize(q_e, xs, qsum, x, proj, L.ffn_norm, s.rms_eps)
+            linear(gu, q_e, L.gate_up)
+            ops.act_rmsnorm_quantize(q_f, xs, qsum, gu, s.n_ff, L.ffn_sub_norm, s.rms_eps, silu)
+            linear(proj, q_f, L.down)
+            res = proj
+        ops.add_inplace(x, res)
         cache.length = n_keys
 
         sel = x if rows is None else np.ascontiguousarray(x[rows])
@@ -219,13 +224,6 @@ class Model:
                 raise ValueError(f"attention 'block' needs a positive block_size, got {block_size}")
             return int(block_size)
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-
-
-def _bitlinear(out: np.ndarray, x: np.ndarray, q: np.ndarray, w: Ternary, xscale: np.ndarray,
-               qsum: np.ndarray, path: str) -> None:
-    """out = W x with x quantized per row to int8 (BitNet's BitLinear)."""
-    ops.quantize_rows(q, xscale, qsum, x)
-    ternary_matmul(out, q, qsum, xscale, w.packed, w.scales, w.group, path)
 
 
 def load_model(path: str, threads: int | None = None, progress: bool = False,
