@@ -18,7 +18,7 @@ from numba import prange
 
 from .cpu import jit, pjit
 from .simd import COLS, F16_LANES, F16_TILE, KSTEP, PATHS as SIMD_PATHS
-from .simd import bcast_tile, f16_tile
+from .simd import bcast_tile, exp_sum, f16_tile
 from .ternary import M_ALIGN
 
 LM_ROWS = 64  # vocabulary rows per parallel task (4 vectors of 16); E rows padded to this
@@ -30,12 +30,11 @@ TILE_PATH = {"vnni512": "vnni512", "vnni256": "vnni256", "avx2": "generic",
              "portable": "generic"}
 
 
-# reassociation and approximate functions let the exp sum vectorize; infinities and NaN keep
-# their meaning (no 'ninf'/'nnan'), and the max / argmax scan is exact
-@jit(fastmath={"reassoc", "contract", "afn"})
+@jit
 def _emit(blk, logits, part, t, r0, exclude):
     # task t's logits blk[M, nr] (rows r0..) -> logits[:, r0:r0+nr], or (fused: logits of
-    # width 0) part[t, m] = (max, sum exp(x - max), argmax) with row `exclude` left out
+    # width 0) part[t, m] = (max, sum exp(x - max), argmax) with row `exclude` left out;
+    # the max / argmax scan is exact, the exp sum vectorized (simd.exp_sum)
     m_rows, nr = blk.shape
     if logits.shape[1] != 0:
         for m in range(m_rows):
@@ -54,8 +53,7 @@ def _emit(blk, logits, part, t, r0, exclude):
                 arg = c
         total = np.float32(0.0)
         if mx != -np.inf:
-            for c in range(nr):
-                total += np.exp(blk[m, c] - mx)
+            total = exp_sum(blk[m].ctypes.data, nr, mx)
         part[t, m, 0] = mx
         part[t, m, 1] = total
         part[t, m, 2] = r0 + arg if mx != -np.inf else -1
