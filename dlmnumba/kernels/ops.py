@@ -29,11 +29,17 @@ def quantize_rows(q, xscale, qsum, x):
     # Padding (columns K.., rows M..) is zero.
     m_rows, k = x.shape
     for m in prange(q.shape[0]):
-        if m >= m_rows:
-            q[m, :] = 0
-            qsum[m] = 0
+        if m >= m_rows:  # padding row
+            _zero_row(q, qsum, m)
             continue
         xscale[m], qsum[m] = _quantize_row(q[m], x[m])
+
+
+@jit
+def _zero_row(q, qsum, m):
+    # a padding row of the int8 activations: zero values, zero sum
+    q[m, :] = 0
+    qsum[m] = 0
 
 
 @jit
@@ -91,9 +97,8 @@ def rmsnorm_quantize(q, xscale, qsum, x, res, weight, eps):
     # as rmsnorm followed by quantize_rows, without writing the normed rows
     m_rows, e = x.shape
     for m in prange(q.shape[0]):
-        if m >= m_rows:
-            q[m, :] = 0
-            qsum[m] = 0
+        if m >= m_rows:  # padding row
+            _zero_row(q, qsum, m)
             continue
         if res.shape[0]:
             for i in range(e):
@@ -109,9 +114,8 @@ def act_rmsnorm_quantize(q, xscale, qsum, gate_up, n_ff, weight, eps, silu):
     # q, xscale, qsum = quantize_rows(rmsnorm(g, weight, eps)), as the separate kernels compute
     m_rows = gate_up.shape[0]
     for m in prange(q.shape[0]):
-        if m >= m_rows:
-            q[m, :] = 0
-            qsum[m] = 0
+        if m >= m_rows:  # padding row
+            _zero_row(q, qsum, m)
             continue
         buf = np.empty(n_ff, np.float32)
         gate, up = gate_up[m, :n_ff], gate_up[m, n_ff:]
