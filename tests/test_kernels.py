@@ -160,6 +160,30 @@ def test_attention_masks(block):
         assert not np.allclose(causal, ref)
 
 
+@pytest.mark.parametrize("m,h,hkv,d,prefix,block", [
+    (65, 20, 5, 128, 20, 64),  # the 2B-4T block pass: 4-row x 64-column tiles, 16-key tails
+    (40, 6, 2, 100, 90, 0),  # head_dim 100 (scalar value columns), 3 heads per KV head, causal
+    (1, 8, 8, 32, 70, 0)])  # one query, no GQA: 1-row tiles; keys past the visible ones skipped
+def test_attention_tiles(m, h, hkv, d, prefix, block):
+    """The register-tiled paths (wide / narrow / scalar columns, 4-row and 1-row tiles, skipped
+    invisible keys) against the float64 reference; cache slots past n_keys hold garbage that
+    must not leak in."""
+    rng = np.random.default_rng(m + d)
+    n_keys = prefix + m
+    cap = n_keys + 9
+    kc = rng.standard_normal((hkv, cap, d)).astype(np.float32)
+    vc = rng.standard_normal((hkv, cap, d)).astype(np.float32)
+    kc[:, n_keys:], vc[:, n_keys:] = 1e30, np.nan
+    kpos = np.full(cap, 10 ** 6, np.int32)
+    kpos[:n_keys] = np.arange(n_keys)
+    qpos = np.arange(prefix, n_keys).astype(np.int32)
+    q = rng.standard_normal((m, h, d)).astype(np.float32)
+    out = np.empty_like(q)
+    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, block, np.float32(1 / np.sqrt(d)))
+    ref = ref_attention(q, kc[:, :n_keys], vc[:, :n_keys], kpos[:n_keys], qpos, block)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_argmax_confidence():
     rng = np.random.default_rng(4)
     logits = rng.standard_normal((4, 50)).astype(np.float32) * 3
@@ -383,3 +407,50 @@ def test_exp_sum_matches_float64(n):
     for v in grid[::250]:
         one = np.array([v], np.float32)
         assert abs(run(one, np.float32(0)) - np.exp(np.float64(v))) <= 2e-7 * np.exp(np.float64(v))
+
+
+@pytest.mark.parametrize("n", [1, 16, 77])
+def test_exp_shifted_and_silu_match_float64(n):
+    """The vectorized softmax numerators (exp_shifted: values in place and their sum) and the
+    SiLU gate (silu_times) against numpy in float64, lanes and scalar tail alike: relative
+    error < 1e-6; -inf and arguments below -87 give exactly 0; silu stays finite and exact in
+    sign at |g| = 100 (the overflow-free form)."""
+    from numba import njit
+    from dlmnumba.kernels.simd import exp_shifted, silu_times
+    if NO_JIT:
+        pytest.skip("LLVM intrinsics need the JIT")
+
+    @njit
+    def run_exp(x, shift):
+        return exp_shifted(x, x.shape[0] - 1, shift)  # the last value is past n: untouched
+
+    @njit
+    def run_silu(out, g, u):
+        silu_times(out, g, u)
+
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n + 1) * 8).astype(np.float32)
+    x[0] = 3.0
+    if n > 2:
+        x[1], x[2] = -np.inf, -100.0
+    last = x[-1]
+    mx = np.float32(x[:n].max())
+    ref = np.exp((x[:n] - mx).astype(np.float64))  # the difference is rounded to float32 first
+    got_sum = run_exp(x, mx)
+    assert x[-1] == last
+    assert np.all(np.abs(x[:n] - ref) <= 1e-6 * ref + (ref < 1e-37) * 1e-37)
+    if n > 2:
+        assert x[1] == 0.0 and x[2] == 0.0
+    assert abs(got_sum - ref.sum()) / ref.sum() < 1e-6
+
+    g = (rng.standard_normal(n) * 4).astype(np.float32)
+    g[0] = 100.0 if n == 1 else g[0]
+    if n > 2:
+        g[1], g[2] = -100.0, 0.0
+    u = rng.standard_normal(n).astype(np.float32)
+    out = np.empty(n, np.float32)
+    run_silu(out, g, u)
+    g64 = g.astype(np.float64)
+    ref = g64 / (1.0 + np.exp(-g64)) * u
+    assert np.all(np.isfinite(out))
+    assert np.all(np.abs(out - ref) <= 1e-6 * np.abs(ref) + 1e-40)

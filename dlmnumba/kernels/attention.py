@@ -3,68 +3,120 @@ from __future__ import annotations
 
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
-from .cpu import pjit
+from .cpu import jit, pjit
+from .simd import exp_shifted, f32_tile
 
 CAUSAL = 0  # block_size 0 selects the causal mask
-Q_CHUNK = 16  # queries per parallel task (each task also transposes its KV head's keys once)
-LANES = 16  # keys are padded to a multiple of this in the transposed copy
+Q_CHUNK = 16  # queries per parallel task
+LANES = 16  # float32 lanes of the score / value tiles; keys are padded to a multiple of this
+WIDE = 64  # keys (scores) or value columns per wide tile (4 vectors of 16)
 
 
-# fastmath lets LLVM vectorize the score and value loops; results stay deterministic run to run
-# (each output is computed by one thread in a fixed order).
-@pjit(fastmath=True)
+@pjit
 def attention(out, q, k_cache, v_cache, key_pos, n_keys, query_pos, block_size, scale):
     # out[M, H, D] = softmax(q k^T * scale + mask) v over cache slots [0, n_keys)
     # k_cache/v_cache[Hkv, C, D]; key_pos[C], query_pos[M] absolute positions.
     # mask: causal (block_size 0) sees key_pos <= query_pos; block sees every key whose
     # block (pos // block_size) is not later than the query's: bidirectional inside a block.
-    # Per task: one KV head and up to Q_CHUNK queries; the head's keys are transposed once
-    # (kt[D, keys]) so scores of all keys come out in vector lanes, no horizontal sums, and
-    # the `group` query heads sharing the KV head read each key and value row together.
+    # Each KV head's keys are transposed once (kt[D, keys]) so scores come out in vector lanes;
+    # per task (one KV head, up to Q_CHUNK queries) the `group` query heads sharing it run
+    # as the rows of register tiles (simd.f32_tile): scores = q kt, then values = p v.  Keys
+    # after the last one any of the task's queries can see are skipped.
     m_rows, n_heads, d = q.shape
     n_kv = k_cache.shape[0]
     group = n_heads // n_kv
     n_chunks = (m_rows + Q_CHUNK - 1) // Q_CHUNK
     nk = (n_keys + LANES - 1) // LANES * LANES
+    kt = np.zeros((n_kv, d, nk), np.float32)
+    for kh in prange(n_kv):
+        for i in range(d):
+            for j in range(n_keys):
+                kt[kh, i, j] = k_cache[kh, j, i]
     for task in prange(n_kv * n_chunks):
         kh = task // n_chunks
         m0 = (task % n_chunks) * Q_CHUNK
-        kt = np.zeros((d, nk), np.float32)
-        for j in range(n_keys):
-            for i in range(d):
-                kt[i, j] = k_cache[kh, j, i]
-        scores = np.empty((group, nk), np.float32)
+        m1 = min(m_rows, m0 + Q_CHUNK)
+        n_vis = 0  # keys [0, n_vis) hold every key a query of this task sees
+        for m in range(m0, m1):
+            lim = _limit(query_pos[m], block_size)
+            for j in range(n_keys - 1, n_vis - 1, -1):
+                if key_pos[j] <= lim:
+                    n_vis = j + 1
+                    break
+        nv16 = (n_vis + LANES - 1) // LANES * LANES
+        scores = np.zeros((group, nk), np.float32)
         acc = np.empty((group, d), np.float32)
-        for m in range(m0, min(m_rows, m0 + Q_CHUNK)):
-            qp = query_pos[m]
-            limit = qp if block_size == CAUSAL else (qp // block_size + 1) * block_size - 1
-            scores[:] = 0.0
-            for i in range(d):
-                for g in range(group):
-                    qi = q[m, kh * group + g, i] * scale
-                    for j in range(nk):
-                        scores[g, j] += qi * kt[i, j]
+        for m in range(m0, m1):
+            lim = _limit(query_pos[m], block_size)
+            h0 = kh * group
+            _rows_times(scores, q[m, h0:h0 + group], kt[kh], d, nv16)
             for g in range(group):
                 mx = -np.inf
-                for j in range(n_keys):
-                    if key_pos[j] > limit:
+                for j in range(n_vis):
+                    if key_pos[j] > lim:
                         scores[g, j] = -np.inf
-                    elif scores[g, j] > mx:
-                        mx = scores[g, j]
-                total = np.float32(0.0)
-                for j in range(n_keys):
-                    p = np.exp(scores[g, j] - mx) if scores[g, j] != -np.inf else np.float32(0.0)
-                    scores[g, j] = p
-                    total += p
-                scores[g, :n_keys] *= np.float32(1.0) / total
-            acc[:] = 0.0
-            for j in range(n_keys):
-                for g in range(group):
-                    p = scores[g, j]
-                    if p != 0.0:
-                        for i in range(d):
-                            acc[g, i] += p * v_cache[kh, j, i]
+                    else:
+                        scores[g, j] *= scale
+                        mx = max(mx, scores[g, j])
+                if mx == -np.inf:  # no visible key (not reachable: a query sees itself)
+                    scores[g, :] = 0.0
+                    continue
+                # exp(s - max) in place, vectorized (masked keys: -inf -> exactly 0)
+                total = exp_shifted(scores[g], n_vis, mx)
+                scores[g, :n_vis] *= np.float32(1.0) / total
+            _rows_times(acc, scores, v_cache[kh], n_vis, d)
             for g in range(group):
                 for i in range(d):
-                    out[m, kh * group + g, i] = acc[g, i]
+                    out[m, h0 + g, i] = acc[g, i]
+
+
+@jit
+def _limit(qp, block_size):
+    # the last key position a query at qp sees
+    return qp if block_size == CAUSAL else (qp // block_size + 1) * block_size - 1
+
+
+def _rows_times(out, a, b, n_k, width):
+    """out[r, :width] = sum_{k < n_k} a[r, k] * b[k, :width] for every row r of a (float32,
+    rows contiguous); compiled: _rows_times_tiled, numpy where the JIT is off."""
+    out[:, :width] = a[:, :n_k] @ b[:n_k, :width]
+
+
+@overload(_rows_times, jit_options={"nogil": True})
+def _rows_times_jit(out, a, b, n_k, width):
+    return _rows_times_tiled
+
+
+def _rows_times_tiled(out, a, b, n_k, width):
+    # _rows_times as register tiles (simd.f32_tile) of 4 rows x 64 columns, then 16, then
+    # scalar columns, each sum in k order
+    n_rows = a.shape[0]
+    sa, sb, so = a.strides[0], b.strides[0], out.strides[0]
+    w16 = width // LANES * LANES
+    r = 0
+    while r < n_rows:
+        four = r + 4 <= n_rows
+        c = 0
+        while c < w16:
+            ap, bp, op = a[r:].ctypes.data, b.ctypes.data + 4 * c, out[r:].ctypes.data + 4 * c
+            if c + WIDE <= w16:
+                if four:
+                    f32_tile(4, 4, ap, sa, bp, sb, n_k, op, so)
+                else:
+                    f32_tile(1, 4, ap, sa, bp, sb, n_k, op, so)
+                c += WIDE
+            else:
+                if four:
+                    f32_tile(4, 1, ap, sa, bp, sb, n_k, op, so)
+                else:
+                    f32_tile(1, 1, ap, sa, bp, sb, n_k, op, so)
+                c += LANES
+        for rr in range(r, r + (4 if four else 1)):
+            for cc in range(w16, width):
+                x = np.float32(0.0)
+                for k in range(n_k):
+                    x += a[rr, k] * b[k, cc]
+                out[rr, cc] = x
+        r += 4 if four else 1

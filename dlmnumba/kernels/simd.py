@@ -14,6 +14,9 @@ and leaves 16 finished column sums, no horizontal reduction:
                packed byte is read once (the bandwidth-bound M = 1 path).
   unpack16     2-bit packed codes -> one code byte per weight, in the same layout.
   f16_tile     the exact LM head's F16 x float32 tile.
+  f32_tile     a float32 register tile, A rows broadcast against B's lanes (attention).
+  exp_sum, exp_store_sum, silu_mul   vectorized exp (softmax denominators and numerators,
+               the SiLU gate).
 
 `path` is a compile-time literal index into PATHS, so only that path's instructions are emitted:
   vnni512  `vpdpbusd` on 512-bit registers (AVX512-VNNI): 64 u8 x s8 products per instruction;
@@ -30,9 +33,10 @@ intrinsic emits: kernels/__init__.py drops the cached kernels when this file cha
 """
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 PATHS = ("vnni512", "vnni256", "avx2", "generic")  # index = the literal `path` argument
 COLS = 16  # output columns per 64-byte weight vector
@@ -260,8 +264,20 @@ def exp_sum(typingctx, addr, n, shift):
     """sum_i exp(x[i] - shift) over float32 x[0..n) at addr, x[i] <= shift (the softmax
     denominator): 16 lanes at a time, Cody-Waite range reduction and a degree-7 Taylor
     polynomial (relative error ~1e-7, as libm's expf within a few ulp); arguments below -87
-    count as exp(-87) ~ 1.6e-38 (-inf included), nothing against a total >= 1."""
+    (-inf included) count as 0, where exp is below 1.7e-38, nothing against a total >= 1."""
     sig = types.float32(types.intp, types.intp, types.float32)
+    return sig, _exp_codegen(store=False)
+
+
+@intrinsic
+def exp_store_sum(typingctx, addr, n, shift):
+    """Like exp_sum, and also x[i] <- exp(x[i] - shift) in place (softmax numerators)."""
+    sig = types.float32(types.intp, types.intp, types.float32)
+    return sig, _exp_codegen(store=True)
+
+
+def _exp_codegen(store: bool):
+    """LLVM IR emitter of exp_sum / exp_store_sum."""
 
     def codegen(context, builder, signature, args):
         a, n, sh = args
@@ -270,33 +286,160 @@ def exp_sum(typingctx, addr, n, shift):
         base = builder.inttoptr(a, f32.as_pointer())
         vec_exp = _exp_emitter(builder, vt)
         one_exp = _exp_emitter(builder, f32)
-        shv = builder.shuffle_vector(
-            builder.insert_element(ir.Constant(vt, ir.Undefined), sh, ir.Constant(_I32, 0)),
-            ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
+        shv = _splat(builder, sh, vt)
         acc = cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * 16))
         n16 = builder.udiv(n, _const(16))
         with cgutils.for_range(builder, n16) as loop:
             p = builder.bitcast(builder.gep(base, [builder.mul(loop.index, _const(16))]),
                                 vt.as_pointer())
-            x = builder.fsub(builder.load(p, align=4), shv)
-            builder.store(builder.fadd(builder.load(acc), vec_exp(x)), acc)
+            e = vec_exp(builder.fsub(builder.load(p, align=4), shv))
+            if store:
+                builder.store(e, p, align=4)
+            builder.store(builder.fadd(builder.load(acc), e), acc)
         tail = cgutils.alloca_once_value(builder, ir.Constant(f32, 0.0))
         rest = builder.sub(n, builder.mul(n16, _const(16)))
         with cgutils.for_range(builder, rest) as loop:
-            i = builder.add(builder.mul(n16, _const(16)), loop.index)
-            x = builder.fsub(builder.load(builder.gep(base, [i])), sh)
-            builder.store(builder.fadd(builder.load(tail), one_exp(x)), tail)
+            p = builder.gep(base, [builder.add(builder.mul(n16, _const(16)), loop.index)])
+            e = one_exp(builder.fsub(builder.load(p), sh))
+            if store:
+                builder.store(e, p)
+            builder.store(builder.fadd(builder.load(tail), e), tail)
         total = builder.load(tail)
         v = builder.load(acc)
         for lane in range(16):  # fixed order: deterministic
             total = builder.fadd(total, builder.extract_element(v, ir.Constant(_I32, lane)))
         return total
 
+    return codegen
+
+
+@intrinsic
+def silu_mul(typingctx, out_addr, gate_addr, up_addr, n):
+    """out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + exp(-gate[i])) * up[i] over float32
+    arrays, 16 lanes at a time with exp_sum's exp, in the overflow-free form
+    e = exp(-|g|): g >= 0 -> g / (1 + e), g < 0 -> g e / (1 + e)."""
+    sig = types.void(types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        oa, ga, ua, n = args
+        f32 = ir.FloatType()
+        vt = ir.VectorType(f32, 16)
+        ptrs = [builder.inttoptr(x, f32.as_pointer()) for x in (oa, ga, ua)]
+
+        def silu(t, width, i):
+            exp = _exp_emitter(builder, t)
+            fabs = _declare(builder.module, f"llvm.fabs.{_suffix(t)}", t, [t])
+            one = _splat(builder, ir.Constant(f32, 1.0), t) if width > 1 else ir.Constant(f32, 1.0)
+            zero = _splat(builder, ir.Constant(f32, 0.0), t) if width > 1 else ir.Constant(f32, 0.0)
+
+            def ptr(base):
+                p = builder.gep(base, [i])
+                return builder.bitcast(p, t.as_pointer()) if width > 1 else p
+
+            g = builder.load(ptr(ptrs[1]), align=4)
+            u = builder.load(ptr(ptrs[2]), align=4)
+            e = exp(builder.fsub(zero, builder.call(fabs, [g])))
+            num = builder.select(builder.fcmp_ordered(">=", g, zero), g, builder.fmul(g, e))
+            builder.store(builder.fmul(builder.fdiv(num, builder.fadd(one, e)), u),
+                          ptr(ptrs[0]), align=4)
+
+        n16 = builder.udiv(n, _const(16))
+        with cgutils.for_range(builder, n16) as loop:
+            silu(vt, 16, builder.mul(loop.index, _const(16)))
+        rest = builder.sub(n, builder.mul(n16, _const(16)))
+        with cgutils.for_range(builder, rest) as loop:
+            silu(f32, 1, builder.add(builder.mul(n16, _const(16)), loop.index))
+        return context.get_dummy_value()
+
     return sig, codegen
 
 
+@intrinsic
+def f32_tile(typingctx, n_rows, n_vec, a_addr, a_stride, b_addr, b_stride, n_k, out_addr,
+             out_stride):
+    """out[r, 16 c + l] = sum_k A[r, k] * B[k, 16 c + l] for n_rows rows r and n_vec vectors c
+    (literals; float32, strides in bytes): a register tile of n_rows x n_vec accumulators, each
+    k loading n_vec 16-float vectors of B's row k and broadcasting A[r, k] (attention's scores
+    and weighted values).  Sums run over k in order: deterministic."""
+    if not _literals(n_rows, n_vec):
+        return None
+    sig = types.void(n_rows, n_vec, *([types.intp] * 7))
+    return sig, _f32_codegen(n_rows.literal_value, n_vec.literal_value)
+
+
+def _f32_codegen(n_rows: int, n_vec: int):
+    def codegen(context, builder, signature, args):
+        aa, as_, ba, bs, n, oa, os_ = args[2:]
+        f32 = ir.FloatType()
+        vt = ir.VectorType(f32, 16)
+        fmuladd = _declare(builder.module, "llvm.fmuladd.v16f32", vt, [vt] * 3)
+        a_base = builder.inttoptr(aa, _I8.as_pointer())
+        b_base = builder.inttoptr(ba, _I8.as_pointer())
+        o_base = builder.inttoptr(oa, _I8.as_pointer())
+        accs = {(r, c): cgutils.alloca_once_value(builder, ir.Constant(vt, [0.0] * 16))
+                for r in range(n_rows) for c in range(n_vec)}
+        with cgutils.for_range(builder, n) as loop:
+            b_row = builder.gep(b_base, [builder.mul(loop.index, bs)])
+            bv = [builder.load(builder.bitcast(builder.gep(b_row, [_const(64 * c)]),
+                                               vt.as_pointer()), align=4) for c in range(n_vec)]
+            for r in range(n_rows):
+                ap = builder.gep(a_base, [builder.add(builder.mul(as_, _const(r)),
+                                                      builder.mul(loop.index, _const(4)))])
+                av = _splat(builder, builder.load(builder.bitcast(ap, f32.as_pointer()),
+                                                  align=4), vt)
+                for c in range(n_vec):
+                    slot = accs[r, c]
+                    builder.store(builder.call(fmuladd, [av, bv[c], builder.load(slot)]), slot)
+        for (r, c), slot in accs.items():
+            off = builder.add(builder.mul(os_, _const(r)), _const(64 * c))
+            builder.store(builder.load(slot),
+                          builder.bitcast(builder.gep(o_base, [off]), vt.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def exp_shifted(x, n, shift):
+    """x[:n] <- exp(x[:n] - shift) in place, returning their sum (exp_store_sum on a float32
+    array); plain numpy where the JIT is off (NUMBA_DISABLE_JIT)."""
+    with np.errstate(under="ignore"):
+        d = x[:n] - np.float32(shift)
+        e = np.where(d < -87.0, np.float32(0.0), np.exp(d)).astype(np.float32)
+    x[:n] = e
+    return np.float32(e.sum(dtype=np.float32))
+
+
+@overload(exp_shifted, jit_options={"nogil": True})
+def _exp_shifted_jit(x, n, shift):
+    return lambda x, n, shift: exp_store_sum(x.ctypes.data, n, shift)
+
+
+def silu_times(out, gate, up):
+    """out = silu(gate) * up over contiguous float32 arrays of one length (silu_mul); plain
+    numpy where the JIT is off."""
+    with np.errstate(over="ignore"):
+        out[:] = gate / (np.float32(1.0) + np.exp(-gate)) * up
+
+
+@overload(silu_times, jit_options={"nogil": True})
+def _silu_times_jit(out, gate, up):
+    return lambda out, gate, up: silu_mul(out.ctypes.data, gate.ctypes.data, up.ctypes.data,
+                                          out.shape[0])
+
+
+def _suffix(t) -> str:
+    return f"v{t.count}f32" if isinstance(t, ir.VectorType) else "f32"
+
+
+def _splat(builder, x, vt):
+    """x broadcast to every lane of vector type vt."""
+    return builder.shuffle_vector(
+        builder.insert_element(ir.Constant(vt, ir.Undefined), x, ir.Constant(_I32, 0)),
+        ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, vt.count), [0] * vt.count))
+
+
 def _exp_emitter(builder, t):
-    """exp(x) for float32 scalars or vectors of type t, x <= 0 (see exp_sum)."""
+    """exp(x) for float32 scalars or vectors of type t, x <= 0; 0 below -87 (see exp_sum)."""
     f32 = ir.FloatType()
     vec = isinstance(t, ir.VectorType)
     it = ir.VectorType(_I32, t.count) if vec else _I32
@@ -313,6 +456,7 @@ def _exp_emitter(builder, t):
         return ir.Constant(it, [v] * t.count) if vec else ir.Constant(_I32, v)
 
     def emit(x):
+        tiny = builder.fcmp_ordered("<", x, c(-87.0))  # -inf included
         x = builder.call(maxnum, [x, c(-87.0)])
         k = builder.call(rint, [builder.fmul(x, c(1.4426950408889634))])
         r = builder.call(fma, [k, c(-0.693359375), x])  # x - k ln2, ln2 in two parts
@@ -321,7 +465,7 @@ def _exp_emitter(builder, t):
         for coef in (1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0):
             p = builder.call(fma, [p, r, c(coef)])
         bits = builder.shl(builder.add(builder.fptosi(k, it), ci(127)), ci(23))
-        return builder.fmul(p, builder.bitcast(bits, t))
+        return builder.select(tiny, c(0.0), builder.fmul(p, builder.bitcast(bits, t)))
 
     return emit
 
