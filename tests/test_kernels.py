@@ -454,3 +454,72 @@ def test_exp_shifted_and_silu_match_float64(n):
     ref = g64 / (1.0 + np.exp(-g64)) * u
     assert np.all(np.isfinite(out))
     assert np.all(np.abs(out - ref) <= 1e-6 * np.abs(ref) + 1e-40)
+
+
+def _screen_case(rng, v, k, m):
+    """An F16 embedding with a duplicated row (a tie) and token states h: one along that row,
+    one with an outlier coordinate (a coarse int8 step), the rest random."""
+    from dlmnumba.model.weights import F16, Embedding, quantize_head
+    emb = (rng.standard_normal((v, k)) * rng.uniform(0.02, 0.2, (v, 1))).astype(np.float16)
+    emb[v - 3] = emb[10]  # rows 10 and v - 3 always tie
+    # rows 100..179: near copies of one row, ordered differently by the int8 and exact heads
+    emb[100:180] = (emb[100].astype(np.float32)
+                    * (1 + 0.003 * rng.standard_normal((80, k)))).astype(np.float16)
+    h = rng.standard_normal((m, k)).astype(np.float32)
+    h[0] = emb[10].astype(np.float32) * 40  # row 10 (and its twin) win this token
+    h[-1] = emb[100].astype(np.float32) * 40 if m > 1 else h[-1]  # the near copies compete
+    if m > 2:
+        h[1, 5] = 60.0
+    e = Embedding(emb.reshape(-1).view(np.uint8), F16, v, k, "t")
+    return e, quantize_head(e, 64), h, emb.view(np.uint16)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_screened_exact_head(m):
+    """The int8 screen (lm_head.screen_exact_f16) against the exact F16 head: the documented
+    bound holds on every row; the argmax equals the exact head's (lowest index on a tie, the
+    excluded row never); rescored rows carry the exact logits bit for bit; conf is the softmax
+    of that mixed row."""
+    from dlmnumba.kernels.lm_head import (BOUND_MARGIN, LM_HEAD, LM_ROWS, LOGIT_ROUNDING,
+                                          lm_head_exact_f16, quantize_activations_u8,
+                                          screen_exact_f16)
+    if NO_JIT:
+        pytest.skip("LLVM intrinsics need the JIT")
+    rng = np.random.default_rng(m)
+    v, k = 301, 256
+    emb, head, h, e16 = _screen_case(rng, v, k, m)
+    n_tasks = -(-v // LM_ROWS)
+    exact = np.empty((m, v), np.float32)
+    hp = np.zeros((-(-m // 4) * 4, k), np.float32)
+    hp[:m] = h
+    lm_head_exact_f16(exact, np.empty((n_tasks, m, 3)), hp, e16, -1)
+    u = np.empty((-(-m // 6) * 6, padded_k(k)), np.uint8)
+    xs = np.empty(m, np.float32)
+    quantize_activations_u8(u, xs, h)
+    approx = np.empty((m, v), np.float32)
+    LM_HEAD["generic"](approx, np.empty((n_tasks, m, 3)), u, xs, head.e8, head.e_inv,
+                       head.e_sum, -1)
+    a = np.linalg.norm(h.astype(np.float64), axis=1)
+    b = np.linalg.norm(h - (u[:m, :k].astype(np.float64) - 128) / xs[:, None], axis=1)
+    bound = ((head.err_h * a[:, None] + head.norm8 * b[:, None]) * (1 + BOUND_MARGIN)
+             + LOGIT_ROUNDING * np.abs(approx))
+    assert np.all(np.abs(exact.astype(np.float64) - approx) <= bound)
+    if m > 1:  # the case that needs the screen: int8 alone would pick another row
+        assert approx[-1].argmax() != exact[-1].argmax()
+    for exclude in (-1, 10):
+        ref = exact.astype(np.float64)
+        if exclude >= 0:
+            ref[:, exclude] = -np.inf
+        work = approx.copy()
+        tok, conf = np.empty(m, np.int64), np.empty(m, np.float32)
+        screen_exact_f16(tok, conf, work, u, xs, h, e16, head.err_h, head.norm8, exclude)
+        assert np.array_equal(tok, ref.argmax(1))
+        assert tok[0] == (10 if exclude < 0 else v - 3)  # the tie: lowest index that may win
+        changed = work != approx
+        if exclude >= 0:
+            changed[:, exclude] = False
+        assert np.array_equal(work[changed], exact[changed])
+        assert np.all(work[np.arange(m), tok] == exact[np.arange(m), tok])
+        mixed = work.astype(np.float64)
+        p = np.exp(mixed - mixed[np.arange(m), tok][:, None]).sum(1)
+        np.testing.assert_allclose(conf, 1 / p, rtol=1e-5)

@@ -105,3 +105,24 @@ def test_kernel_paths_give_identical_logits(synth_model):
 def test_unknown_or_unsupported_kernel_path(synth_model):
     with pytest.raises(ValueError, match="unknown"):
         dlmnumba.load_model(synth_model(), kernel="neon")
+
+
+@pytest.mark.parametrize("attention,block", [("causal", None), ("block", 4)])
+def test_screened_argmax_is_the_exact_heads(tiny, attention, block):
+    """forward_argmax through the int8 screen (exact_confidence False, as greedy decoding runs
+    it) picks exactly the argmax of the exact logits, the excluded token never; the exact-
+    confidence path gives the same tokens with the exact softmax probability."""
+    assert tiny.head8 is not None  # the tiny model's F16 embedding is screened
+    logits = tiny.logits(TOKENS, attention=attention, block_size=block).astype(np.float64)
+    for exclude in (None, int(logits[3].argmax())):
+        ref = logits.copy()
+        if exclude is not None:
+            ref[:, exclude] = -np.inf
+        p = np.exp(ref - ref.max(1, keepdims=True))
+        conf_ref = 1 / p.sum(1)
+        for exact_confidence in (False, True):
+            cache = tiny.new_cache()
+            tok, conf = tiny.forward_argmax(TOKENS, None, cache, attention, block,
+                                            exclude=exclude, exact_confidence=exact_confidence)
+            assert np.array_equal(tok, ref.argmax(1))
+            np.testing.assert_allclose(conf, conf_ref, rtol=1e-5 if exact_confidence else 5e-2)

@@ -26,6 +26,7 @@ from .strategies import (ATTENTIONS, KV_COMMITS, MODES, Sampling, pick_tokens, s
                          step_threshold)
 
 MASK_TEXT = "|<MASK>|"
+CONFIDENT = ("iterative", "adaptive")  # modes whose decisions read the confidence
 
 
 @dataclass(frozen=True)
@@ -193,9 +194,10 @@ class Generator:
         att = self._attention()
         positions = np.arange(pos0, pos0 + len(tokens), dtype=np.int32)
         block = self.settings.block_size if att == "block" else None
-        if self.settings.sampling.temperature <= 0.0:
+        if self.settings.sampling.temperature <= 0.0:  # greedy and ar need only the argmax
             return self.model.forward_argmax(tokens, positions, cache, att, block, rows,
-                                             exclude=self.mask_id)
+                                             exclude=self.mask_id,
+                                             exact_confidence=self.settings.mode in CONFIDENT)
         logits = self.model.forward(tokens, positions, cache, att, block, rows)
         if self.mask_id is not None:  # committing a mask token would be meaningless
             logits[:, self.mask_id] = -np.inf

@@ -22,6 +22,8 @@ from .simd import bcast_tile, exp_sum, f16_tile
 from .ternary import M_ALIGN
 
 LM_ROWS = 64  # vocabulary rows per parallel task (4 vectors of 16); E rows padded to this
+BOUND_MARGIN = 1e-4  # relative slack on the screening bound (its own float32 rounding)
+LOGIT_ROUNDING = 1e-6  # >= the relative rounding of an int8-head logit (4 float32 operations)
 K_CHUNK = 1024  # k per pass over the task's rows (they and the token tiles stay in L2)
 U_OFFSET = 128  # added to int8 activations to make them unsigned
 # CPU path -> tile path: avx2's vpmaddubsw would saturate on u8 x s8 products, so it and the
@@ -114,7 +116,6 @@ def lm_head_f16(n_tok, logits, part, h, e16, exclude):
     lit = numba.literally(n_tok)
     for t in prange((v + LM_ROWS - 1) // LM_ROWS):
         acc = np.zeros((F16_TILE * F16_TILE, F16_LANES), np.float32)
-        tail = np.zeros((F16_TILE, k), np.uint16)
         r0 = t * LM_ROWS
         nr = min(LM_ROWS, v - r0)
         blk = np.empty((m_rows, nr), np.float32)
@@ -122,11 +123,12 @@ def lm_head_f16(n_tok, logits, part, h, e16, exclude):
             rows = min(F16_TILE, nr - c0)
             src = e16[r0 + c0:r0 + c0 + F16_TILE]
             if rows < F16_TILE:  # last rows of the vocabulary: a padded copy, no read past the end
+                tail = np.zeros((F16_TILE, k), np.uint16)
                 tail[:rows] = e16[r0 + c0:r0 + c0 + rows]
                 src = tail
             for m0 in range(0, m_rows, lit):
                 acc[:] = 0
-                f16_tile(lit, src.ctypes.data, 2 * k, h.ctypes.data + 4 * m0 * k, 4 * k,
+                f16_tile(4, lit, src.ctypes.data, 2 * k, h.ctypes.data + 4 * m0 * k, 4 * k,
                          k // 16, acc.ctypes.data)
                 for i in range(rows):
                     for j in range(min(lit, m_rows - m0)):
@@ -135,6 +137,84 @@ def lm_head_f16(n_tok, logits, part, h, e16, exclude):
                             x += acc[i * F16_TILE + j, lane]
                         blk[m0 + j, c0 + i] = x
         _emit(blk, logits, part, t, r0, exclude)
+
+
+def exact_sum_error(k: int) -> float:
+    """Bound on |float32 exact-head logit - real dot product| / (||e|| ||h||) for rows of length
+    k: lm_head_f16 sums each lane over k / 16 fused multiply-adds, then 16 lanes, one rounding
+    per step (gamma_n = n u / (1 - n u), u = 2^-24), with 1% to spare."""
+    n = -(-k // 16) + 16
+    u = 2.0 ** -24
+    return 1.01 * n * u / (1 - n * u)
+
+
+@pjit
+def screen_exact_f16(tokens, conf, approx, u, xscale, h, e16, err_h, norm8, exclude):
+    # The exact head's argmax from the int8 head's logits approx[M, V] (overwritten):
+    # |exact - approx| <= bound[m, r] = (err_h[r] ||h_m|| + norm8[r] ||h_m - q_m / s_m||)
+    #   (1 + BOUND_MARGIN) + LOGIT_ROUNDING |approx|
+    # (the split e h - e' h' = (e - e') h + e' (h - h'), Cauchy-Schwarz on each, plus float32
+    # rounding on both sides; weights.quantize_head measures err_h, norm8).  Every row whose
+    # upper bound reaches the best lower bound is rescored exactly, with lm_head_f16's very
+    # arithmetic (f16_tile, same lane sums), so the argmax (lowest index on ties) is the exact
+    # head's.  Rescored rows keep their exact logits in approx; conf = the softmax probability
+    # of that row with them and the other rows' int8 logits.  Row `exclude` never wins.
+    m_rows, v = approx.shape
+    k = h.shape[1]
+    for m in prange(m_rows):
+        a = 0.0
+        b = 0.0
+        s = np.float64(xscale[m])
+        for i in range(k):
+            x = np.float64(h[m, i])
+            d = x - (np.float64(u[m, i]) - U_OFFSET) / s
+            a += x * x
+            b += d * d
+        a32 = _f32_up(np.sqrt(a))  # float32 coefficients, rounded up: the bound stays a bound
+        b32 = _f32_up(np.sqrt(b))
+        row = approx[m]
+        if 0 <= exclude < v:
+            row[exclude] = -np.inf
+        lo = _best_lower_bound(row, err_h, norm8, a32, b32)
+        acc = np.zeros((F16_TILE * F16_TILE, F16_LANES), np.float32)
+        best, best_val = -1, -np.inf
+        for r in range(v):
+            x = row[r]
+            if x + _bound(x, err_h[r], norm8[r], a32, b32) >= lo and x != -np.inf:
+                acc[0] = 0.0
+                f16_tile(1, 1, e16[r].ctypes.data, 2 * k, h[m].ctypes.data, 4 * k, k // 16,
+                         acc.ctypes.data)
+                x = np.float32(0.0)
+                for lane in range(F16_LANES):
+                    x += acc[0, lane]
+                row[r] = x
+                if x > best_val:
+                    best, best_val = r, x
+        tokens[m] = best
+        conf[m] = np.float32(1.0) / exp_sum(row.ctypes.data, v, best_val) if best >= 0 else 0.0
+
+
+@jit
+def _f32_up(x):
+    # float64 -> a float32 not below it
+    y = np.float32(x)
+    return y if np.float64(y) >= x else np.nextafter(y, np.float32(np.inf))
+
+
+@jit
+def _bound(x, err_h, norm8, a, b):
+    # float32 throughout (vectorizes); BOUND_MARGIN covers its own rounding
+    return (err_h * a + norm8 * b) * np.float32(1.0 + BOUND_MARGIN) + np.float32(
+        LOGIT_ROUNDING) * abs(x)
+
+
+@jit(fastmath={"nnan"})
+def _best_lower_bound(row, err_h, norm8, a, b):
+    # max over rows of approx - bound (-inf rows: excluded); max is exact in any order
+    lo = np.float32(-np.inf)
+    for r in range(row.shape[0]):
+        lo = max(lo, row[r] - _bound(row[r], err_h[r], norm8[r], a, b))
+    return lo
 
 
 @jit

@@ -475,25 +475,26 @@ F16_LANES = 16  # float32 lanes kept per (row, token) pair in its accumulator bu
 
 
 @intrinsic
-def f16_tile(typingctx, n_tok, e_addr, e_stride, h_addr, h_stride, n_steps, acc_addr):
-    """Exact-head tile: acc[i * 4 + j, :] += lanes of sum_k float(E[i, k]) * H[j, k] for 4 F16
-    rows i (stride in bytes) and n_tok (literal, 1..4) float32 rows j, k < 16 * n_steps.
-    Plain vector IR (fpext half -> float, llvm.fmuladd): vcvtph2ps where the CPU has F16C,
-    fused multiply-add where it has FMA, separate multiply and add elsewhere."""
-    if not isinstance(n_tok, types.IntegerLiteral):
+def f16_tile(typingctx, n_rows, n_tok, e_addr, e_stride, h_addr, h_stride, n_steps, acc_addr):
+    """Exact-head tile: acc[i * 4 + j, :] += lanes of sum_k float(E[i, k]) * H[j, k] for n_rows
+    F16 rows i (stride in bytes) and n_tok float32 rows j (literals, 1..4), k < 16 * n_steps.
+    Each (i, j) lane is its own chain of fused multiply-adds in k order, whatever the tile's
+    shape.  Plain vector IR (fpext half -> float, llvm.fmuladd): vcvtph2ps where the CPU has
+    F16C, fused multiply-add where it has FMA, separate multiply and add elsewhere."""
+    if not _literals(n_rows, n_tok):
         return None
-    sig = types.void(n_tok, types.intp, types.intp, types.intp, types.intp, types.intp,
+    sig = types.void(n_rows, n_tok, types.intp, types.intp, types.intp, types.intp, types.intp,
                      types.intp)
-    return sig, _f16_codegen(n_tok.literal_value)
+    return sig, _f16_codegen(n_rows.literal_value, n_tok.literal_value)
 
 
-def _f16_codegen(n_tok: int):
+def _f16_codegen(n_rows: int, n_tok: int):
     """LLVM IR emitter of f16_tile."""
     f32x16 = ir.VectorType(ir.FloatType(), 16)
     f16x16 = ir.VectorType(ir.HalfType(), 16)
 
     def codegen(context, builder, signature, args):
-        _, ea, es, ha, hs, n, oa = args
+        _, _, ea, es, ha, hs, n, oa = args
         fmuladd = _declare(builder.module, "llvm.fmuladd.v16f32", f32x16, [f32x16] * 3)
         e_base = builder.inttoptr(ea, _I8.as_pointer())
         h_base = builder.inttoptr(ha, _I8.as_pointer())
@@ -508,19 +509,19 @@ def _f16_codegen(n_tok: int):
             return builder.bitcast(p, f32x16.as_pointer())
 
         accs = [[cgutils.alloca_once_value(builder, builder.load(acc_ptr(i, j), align=4))
-                 for j in range(n_tok)] for i in range(F16_TILE)]
+                 for j in range(n_tok)] for i in range(n_rows)]
         with cgutils.for_range(builder, n) as loop:
             ke = builder.mul(loop.index, ir.Constant(_I64, 32))  # 16 halfs
             kh = builder.mul(loop.index, ir.Constant(_I64, 64))  # 16 floats
             ev = [builder.fpext(load(e_base, builder.add(ke, builder.mul(
-                es, ir.Constant(_I64, i))), f16x16), f32x16) for i in range(F16_TILE)]
+                es, ir.Constant(_I64, i))), f16x16), f32x16) for i in range(n_rows)]
             hv = [load(h_base, builder.add(kh, builder.mul(hs, ir.Constant(_I64, j))), f32x16)
                   for j in range(n_tok)]
-            for i in range(F16_TILE):
+            for i in range(n_rows):
                 for j in range(n_tok):
                     r = builder.call(fmuladd, [ev[i], hv[j], builder.load(accs[i][j])])
                     builder.store(r, accs[i][j])
-        for i in range(F16_TILE):
+        for i in range(n_rows):
             for j in range(n_tok):
                 builder.store(builder.load(accs[i][j]), acc_ptr(i, j), align=4)
         return context.get_dummy_value()

@@ -18,7 +18,7 @@ from ..kernels.simd import F16_TILE, KSTEP
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .kv_cache import KVCache
 from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, lm_head_int8_run,
-                               lm_head_exact_f16, quantize_activations_u8)
+                               lm_head_exact_f16, quantize_activations_u8, screen_exact_f16)
 from .weights import F16, Int8Head, Ternary, Weights, load_weights, quantize_head
 
 ATTENTION_MODES = ("causal", "block")
@@ -49,8 +49,13 @@ class Model:
         finally:
             if bar is not None:
                 bar.close()
-        self.head8: Int8Head | None = (quantize_head(self.weights.output)
-                                       if lm_head == "int8" else None)
+        emb = self.weights.output
+        # the int8 head: the logits of lm_head 'int8'; with 'exact' over an F16 embedding, the
+        # screen that finds the exact argmax with few exact rows (lm_head.screen_exact_f16)
+        self.head8: Int8Head | None = (
+            quantize_head(emb) if lm_head == "int8" or (emb.qtype == F16 and emb.n_cols % 16 == 0)
+            else None)
+        self._approx: np.ndarray | None = None  # scratch logits of the screened exact head
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -81,13 +86,23 @@ class Model:
                                                 rows))
 
     def forward_argmax(self, tokens, positions, cache, attention="causal", block_size=None,
-                       rows=None, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       rows=None, exclude: int | None = None, exact_confidence: bool = True
+                       ) -> tuple[np.ndarray, np.ndarray]:
         """Like forward() but returns, per row, the argmax token and its softmax probability
-        (token `exclude` left out); the LM-head kernels fuse this and never build the logits."""
+        (token `exclude` left out); the LM-head kernels fuse this and never build the logits.
+
+        With the exact head and exact_confidence False (greedy decoding, which only needs the
+        argmax), the int8 head screens the vocabulary and only rows that can win are computed
+        exactly: the same argmax, provably (lm_head.screen_exact_f16); the confidence then
+        mixes those rows' exact logits with the others' int8 ones."""
         h = self.forward_hidden(tokens, positions, cache, attention, block_size, rows)
         n = h.shape[0]
         tok, conf = np.empty(n, np.int64), np.empty(n, np.float32)
         if n == 0:
+            return tok, conf
+        if (not exact_confidence and self.lm_head == "exact" and self.head8 is not None
+                and np.isfinite(h).all()):
+            self._screened_argmax(tok, conf, h, -1 if exclude is None else exclude)
             return tok, conf
         part = self._head(h, np.empty((0, 0), np.float32), -1 if exclude is None else exclude)
         if part is None:  # no kernel for this embedding type: full logits, then argmax
@@ -106,18 +121,36 @@ class Model:
             self.weights.output.project(out, h)
         return out
 
+    def _screened_argmax(self, tok: np.ndarray, conf: np.ndarray, h: np.ndarray,
+                         exclude: int) -> None:
+        """The exact head's argmax through the int8 screen (see forward_argmax)."""
+        m, hd, emb = h.shape[0], self.head8, self.weights.output
+        u, xs = self._quantize_head_input(h)
+        if self._approx is None or self._approx.shape[0] < m:
+            self._approx = np.empty((m, emb.n_rows), np.float32)  # reused: no fresh pages
+        approx = self._approx[:m]
+        lm_head_int8_run(TILE_PATH[self.kernel], approx, np.empty((-(-emb.n_rows // LM_ROWS), m, 3)),
+                         u, xs, hd.e8, hd.e_inv, hd.e_sum, -1)
+        e16 = emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
+        screen_exact_f16(tok, conf, approx, u, xs, h, e16, hd.err_h, hd.norm8, exclude)
+
+    def _quantize_head_input(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """h quantized per row for the int8 head: u[Mp, Kp] uint8 (q + 128), scales[M]."""
+        m = h.shape[0]
+        u = np.empty((-(-m // M_ALIGN) * M_ALIGN, self.head8.e8.shape[1] * KSTEP), np.uint8)
+        xs = np.empty(m, np.float32)
+        quantize_activations_u8(u, xs, h)
+        return u, xs
+
     def _head(self, h: np.ndarray, logits: np.ndarray, exclude: int) -> np.ndarray | None:
         """Run an LM-head kernel into logits, or (logits of width 0) into fused partials
         (returned); None when no kernel fits (exact head over a non-F16 embedding)."""
         m = h.shape[0]
-        mp = -(-m // M_ALIGN) * M_ALIGN
         emb = self.weights.output
         part = np.empty((-(-emb.n_rows // LM_ROWS), m, 3), np.float64)
-        if self.head8 is not None:
+        if self.lm_head == "int8":
             hd = self.head8
-            u = np.empty((mp, hd.e8.shape[1] * KSTEP), np.uint8)
-            xs = np.empty(m, np.float32)
-            quantize_activations_u8(u, xs, h)
+            u, xs = self._quantize_head_input(h)
             lm_head_int8_run(TILE_PATH[self.kernel], logits, part, u, xs, hd.e8, hd.e_inv,
                              hd.e_sum, exclude)
             return part

@@ -102,16 +102,20 @@ class Embedding:
 
 
 class Int8Head(NamedTuple):
-    """The LM head quantized to int8 per row (kernels/lm_head.py)."""
+    """The LM head quantized to int8 per row (kernels/lm_head.py), with the per-row norms that
+    bound its error against the exact head (lm_head.screen_exact_f16)."""
 
     e8: np.ndarray  # int8 [Vp / 16, Kp / 4, 64]: rows padded to LM_ROWS, broadcast layout
     e_inv: np.ndarray  # float32 [V]: 127 / max|row| (the row's quantization scale)
     e_sum: np.ndarray  # int32 [V]: sum of the row's int8 values (unsigned-offset correction)
+    err_h: np.ndarray  # float32 [V]: ||e - e8 / s|| + exact_sum_error ||e|| (times ||h||)
+    norm8: np.ndarray  # float32 [V]: ||e8 / s|| (multiplies ||h - q / s_h||)
 
 
 def quantize_head(emb: Embedding, chunk: int = 8192) -> Int8Head:
-    """Quantize the LM head per row to int8, the way activations are (absmax, half-even)."""
-    from ..kernels.lm_head import LM_ROWS, interleave_rows
+    """Quantize the LM head per row to int8, the way activations are (absmax, half-even), and
+    measure each row's quantization error (float64 norms, rounded up to float32)."""
+    from ..kernels.lm_head import LM_ROWS, exact_sum_error, interleave_rows
     from ..kernels.ops import quantize_rows
 
     kp = padded_k(emb.n_cols)
@@ -119,15 +123,30 @@ def quantize_head(emb: Embedding, chunk: int = 8192) -> Int8Head:
     e8 = np.empty((vp // 16, kp // 4, 64), np.int8)
     e_inv = np.empty(emb.n_rows, np.float32)
     e_sum = np.empty(emb.n_rows, np.int32)
+    err_h = np.empty(emb.n_rows, np.float32)
+    norm8 = np.empty(emb.n_rows, np.float32)
     for start in range(0, emb.n_rows, chunk):  # chunk: a multiple of 16
         stop = min(emb.n_rows, start + chunk)
         rows = np.empty((-(-(stop - start) // 16) * 16, kp), np.int8)  # zero padding rows
         sums = np.empty(rows.shape[0], np.int32)
-        quantize_rows(rows, e_inv[start:stop], sums, np.ascontiguousarray(emb.rows_f32(start, stop)))
+        exact = np.ascontiguousarray(emb.rows_f32(start, stop))
+        quantize_rows(rows, e_inv[start:stop], sums, exact)
         e_sum[start:stop] = sums[:stop - start]
         e8[start // 16:start // 16 + rows.shape[0] // 16] = interleave_rows(rows)
+        approx = rows[:stop - start, :emb.n_cols] / e_inv[start:stop, None].astype(np.float64)
+        exact = exact.astype(np.float64)
+        err = (np.linalg.norm(exact - approx, axis=1)
+               + exact_sum_error(emb.n_cols) * np.linalg.norm(exact, axis=1))
+        err_h[start:stop] = _round_up_f32(err)
+        norm8[start:stop] = _round_up_f32(np.linalg.norm(approx, axis=1))
     e8[-(-emb.n_rows // 16):] = 0  # padding rows
-    return Int8Head(e8, e_inv, e_sum)
+    return Int8Head(e8, e_inv, e_sum, err_h, norm8)
+
+
+def _round_up_f32(x: np.ndarray) -> np.ndarray:
+    """float64 -> the nearest float32 not below it."""
+    y = x.astype(np.float32)
+    return np.where(y < x, np.nextafter(y, np.float32(np.inf)), y).astype(np.float32)
 
 
 @dataclass
