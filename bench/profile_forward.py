@@ -1,10 +1,12 @@
 """Where one forward pass spends its time: matmuls, LM head, attention, the rest.
 
     python bench/profile_forward.py [--model FILE] [--batch 65] [--prefix 20] [--lm-head exact]
+                                    [--exact-confidence]
 
 Profiles (cProfile: every numba kernel call is one Python-level call) one block forward of
 `batch` tokens after a `prefix`, including the fused LM head over every row, as greedy
-decoding runs it, and groups the time by kernel family.
+decoding runs it (the exact head through the int8 screen; --exact-confidence: the full exact
+head, as the iterative and adaptive modes run it), and groups the time by kernel family.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ GROUPS = {  # substring of the profiled function's file:name -> family
     "act_rmsnorm_quantize": "activation + sub-norm + int8 (fused)",
     "rmsnorm_quantize": "residual + norm + int8 (fused)", "rmsnorm": "norms",
     "quantize": "activation quantization", "rope": "RoPE", "add_inplace": "residual",
-    "lookup": "embedding lookup", "combine": "LM head",
+    "lookup": "embedding lookup", "combine": "LM head", "screen": "LM head",
 }
 
 
@@ -36,6 +38,7 @@ def main() -> None:
     ap.add_argument("--prefix", type=int, default=20)
     ap.add_argument("--lm-head", default="exact")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--exact-confidence", action="store_true")
     args = ap.parse_args()
     import dlmnumba
 
@@ -49,7 +52,8 @@ def main() -> None:
 
     def step():
         cache.truncate(args.prefix)
-        m.forward_argmax(batch, None, cache, "block", max(64, args.batch))
+        m.forward_argmax(batch, None, cache, "block", max(64, args.batch),
+                         exact_confidence=args.exact_confidence)
 
     step()  # compile / warm
     t = time.perf_counter()
@@ -65,8 +69,9 @@ def main() -> None:
         key = next((g for sub, g in GROUPS.items() if sub in name or sub in file), "other")
         fam[key] = fam.get(key, 0.0) + tottime
     total = sum(fam.values())
+    head = args.lm_head + (", full" if args.exact_confidence else "")
     print(f"one forward of {args.batch} tokens after {args.prefix} (kernel {m.kernel}, LM head "
-          f"{args.lm_head}, {m.threads} threads): {wall * 1e3:.1f} ms wall")
+          f"{head}, {m.threads} threads): {wall * 1e3:.1f} ms wall")
     for k, v in sorted(fam.items(), key=lambda kv: -kv[1]):
         print(f"  {k:<26}{v * 1e3:9.1f} ms  {100 * v / total:5.1f}%")
 

@@ -18,7 +18,7 @@ from numba import prange
 
 from .cpu import jit, pjit
 from .simd import COLS, F16_LANES, F16_TILE, KSTEP, PATHS as SIMD_PATHS
-from .simd import bcast_tile, exp_sum, f16_tile
+from .simd import bcast_tile, exp_sum, f16_rows, f16_tile
 from .ternary import M_ALIGN
 
 LM_ROWS = 64  # vocabulary rows per parallel task (4 vectors of 16); E rows padded to this
@@ -176,22 +176,44 @@ def screen_exact_f16(tokens, conf, approx, u, xscale, h, e16, err_h, norm8, excl
         if 0 <= exclude < v:
             row[exclude] = -np.inf
         lo = _best_lower_bound(row, err_h, norm8, a32, b32)
+        # rows that may win, in ascending order, rescored 4 at a time (independent chains)
         acc = np.zeros((F16_TILE * F16_TILE, F16_LANES), np.float32)
-        best, best_val = -1, -np.inf
+        pend = np.zeros(F16_TILE, np.int64)
+        n = 0
+        best, best_val = -1, np.float32(-np.inf)
         for r in range(v):
             x = row[r]
             if x + _bound(x, err_h[r], norm8[r], a32, b32) >= lo and x != -np.inf:
-                acc[0] = 0.0
-                f16_tile(1, 1, e16[r].ctypes.data, 2 * k, h[m].ctypes.data, 4 * k, k // 16,
-                         acc.ctypes.data)
-                x = np.float32(0.0)
-                for lane in range(F16_LANES):
-                    x += acc[0, lane]
-                row[r] = x
-                if x > best_val:
-                    best, best_val = r, x
+                pend[n] = r
+                n += 1
+                if n == F16_TILE:
+                    best, best_val = _rescore(row, pend, n, e16, acc, h[m], best, best_val)
+                    n = 0
+        best, best_val = _rescore(row, pend, n, e16, acc, h[m], best, best_val)
         tokens[m] = best
         conf[m] = np.float32(1.0) / exp_sum(row.ctypes.data, v, best_val) if best >= 0 else 0.0
+
+
+@jit
+def _rescore(row, pend, n, e16, acc, h, best, best_val):
+    # row[pend[j]] <- exact logit of e16[pend[j]] . h (lm_head_f16's arithmetic) for j < n;
+    # the running argmax (rows come in ascending order: the lowest index wins a tie)
+    if n == 0:
+        return best, best_val
+    for j in range(n, F16_TILE):  # unused slots repeat the first row
+        pend[j] = pend[0]
+    k = h.shape[0]
+    acc[:] = 0.0
+    f16_rows(e16[pend[0]].ctypes.data, e16[pend[1]].ctypes.data, e16[pend[2]].ctypes.data,
+             e16[pend[3]].ctypes.data, h.ctypes.data, k // 16, acc.ctypes.data)
+    for j in range(n):
+        x = np.float32(0.0)
+        for lane in range(F16_LANES):
+            x += acc[j * F16_TILE, lane]
+        row[pend[j]] = x
+        if x > best_val:
+            best, best_val = pend[j], x
+    return best, best_val
 
 
 @jit

@@ -488,15 +488,19 @@ def f16_tile(typingctx, n_rows, n_tok, e_addr, e_stride, h_addr, h_stride, n_ste
     return sig, _f16_codegen(n_rows.literal_value, n_tok.literal_value)
 
 
-def _f16_codegen(n_rows: int, n_tok: int):
-    """LLVM IR emitter of f16_tile."""
+def _f16_codegen(n_rows: int, n_tok: int, gather: bool = False):
+    """LLVM IR emitter of f16_tile, or of f16_rows (gather: one address per row)."""
     f32x16 = ir.VectorType(ir.FloatType(), 16)
     f16x16 = ir.VectorType(ir.HalfType(), 16)
 
     def codegen(context, builder, signature, args):
-        _, _, ea, es, ha, hs, n, oa = args
+        if gather:
+            row_addrs, (ha, n, oa), hs = args[:n_rows], args[n_rows:], _const(0)
+        else:
+            _, _, ea, es, ha, hs, n, oa = args
+            row_addrs = [builder.add(ea, builder.mul(es, _const(i))) for i in range(n_rows)]
         fmuladd = _declare(builder.module, "llvm.fmuladd.v16f32", f32x16, [f32x16] * 3)
-        e_base = builder.inttoptr(ea, _I8.as_pointer())
+        e_rows = [builder.inttoptr(a, _I8.as_pointer()) for a in row_addrs]
         h_base = builder.inttoptr(ha, _I8.as_pointer())
         acc_base = builder.inttoptr(oa, ir.FloatType().as_pointer())
 
@@ -513,8 +517,7 @@ def _f16_codegen(n_rows: int, n_tok: int):
         with cgutils.for_range(builder, n) as loop:
             ke = builder.mul(loop.index, ir.Constant(_I64, 32))  # 16 halfs
             kh = builder.mul(loop.index, ir.Constant(_I64, 64))  # 16 floats
-            ev = [builder.fpext(load(e_base, builder.add(ke, builder.mul(
-                es, ir.Constant(_I64, i))), f16x16), f32x16) for i in range(n_rows)]
+            ev = [builder.fpext(load(e_rows[i], ke, f16x16), f32x16) for i in range(n_rows)]
             hv = [load(h_base, builder.add(kh, builder.mul(hs, ir.Constant(_I64, j))), f32x16)
                   for j in range(n_tok)]
             for i in range(n_rows):
@@ -527,3 +530,11 @@ def _f16_codegen(n_rows: int, n_tok: int):
         return context.get_dummy_value()
 
     return codegen
+
+
+@intrinsic
+def f16_rows(typingctx, a0, a1, a2, a3, h_addr, n_steps, acc_addr):
+    """f16_tile for 4 F16 rows at any 4 addresses and one token: acc[4 i, :] += lanes of
+    sum_k float(E_i[k]) * h[k], the same chains of fused multiply-adds as f16_tile."""
+    sig = types.void(*([types.intp] * 7))
+    return sig, _f16_codegen(4, 1, gather=True)
