@@ -208,10 +208,12 @@ def test_kernels_without_jit():
 
 @pytest.mark.parametrize("path", ["vnni512", "vnni256", "avx2", "portable"])
 @pytest.mark.parametrize("m,k,n", [(1, 128, 5), (1, 640, 38), (5, 512, 16), (7, 1536, 37),
-                                   (65, 2560, 24), (13, 1152, 130)])
+                                   (65, 2560, 24), (13, 1152, 130), (2, 256, 20), (9, 640, 70),
+                                   (16, 1280, 64)])
 def test_every_kernel_path_is_exact(path, m, k, n):
-    """Each instruction path against the plain integer reference, bit for bit (odd M and N
-    exercise the padded tiles; K > 1024 crosses the k-chunking)."""
+    """Each instruction path against the plain integer reference, bit for bit (M of every
+    remainder mod 6 exercises the last tile's 1..6 rows, odd N the padded rows; K > 1024
+    crosses the k-chunking)."""
     from dlmnumba.kernels.dispatch import supported_paths
     from dlmnumba.kernels.ternary import M_ALIGN, ternary_matmul
     if NO_JIT and (path != "portable" or m == 1):

@@ -174,10 +174,21 @@ def ternary_matmul_simd(path, n_vec, out, q, qsum, xscale, packed, scales):
                     prefetch(packed[nt * BLOCKS + c, nk // PACK_K].ctypes.data,
                              min(K_CHUNK, kp - nk) // PACK_K * VEC)
             for t0 in range(0, mp, M_ALIGN):
+                rest = m_rows - t0  # a last tile of 1..4 tokens computes only those rows
                 for c0 in range(0, BLOCKS, nv):
-                    bcast_tile(lit, 6, nv, 1, codes[c0].ctypes.data, vstride,
-                               q.ctypes.data + t0 * kp + k0, kp, steps,
-                               acc.ctypes.data + (t0 * ROW_ALIGN + c0 * COLS) * 4, ROW_ALIGN * 4)
+                    w = codes[c0].ctypes.data
+                    x = q.ctypes.data + t0 * kp + k0
+                    o = acc.ctypes.data + (t0 * ROW_ALIGN + c0 * COLS) * 4
+                    if rest >= 5:
+                        bcast_tile(lit, 6, nv, 1, w, vstride, x, kp, steps, o, ROW_ALIGN * 4)
+                    elif rest == 4:
+                        bcast_tile(lit, 4, nv, 1, w, vstride, x, kp, steps, o, ROW_ALIGN * 4)
+                    elif rest == 3:
+                        bcast_tile(lit, 3, nv, 1, w, vstride, x, kp, steps, o, ROW_ALIGN * 4)
+                    elif rest == 2:
+                        bcast_tile(lit, 2, nv, 1, w, vstride, x, kp, steps, o, ROW_ALIGN * 4)
+                    else:
+                        bcast_tile(lit, 1, nv, 1, w, vstride, x, kp, steps, o, ROW_ALIGN * 4)
         _finish(out, acc, qsum, inv, scales, t * ROW_ALIGN, m_rows)
 
 
