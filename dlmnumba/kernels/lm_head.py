@@ -149,6 +149,28 @@ def exact_sum_error(k: int) -> float:
 
 
 @pjit
+def head_error_norms(err_h, norm8, exact, rows, scale, sum_error):
+    # per row r of the int8 head (rows[R, >= K] int8, scale[R] = 127 / max|row|) and the exact
+    # rows exact[R, K] float32, in float64 and rounded up to float32:
+    #   err_h[r] = ||exact_r - rows_r / scale_r|| + sum_error ||exact_r||
+    #   norm8[r] = ||rows_r / scale_r||
+    n, k = exact.shape
+    for r in prange(n):
+        inv = 1.0 / np.float64(scale[r])
+        d2 = 0.0
+        e2 = 0.0
+        a2 = 0.0
+        for i in range(k):
+            e = np.float64(exact[r, i])
+            a = np.float64(rows[r, i]) * inv
+            d2 += (e - a) * (e - a)
+            e2 += e * e
+            a2 += a * a
+        err_h[r] = _f32_up(np.sqrt(d2) + sum_error * np.sqrt(e2))
+        norm8[r] = _f32_up(np.sqrt(a2))
+
+
+@pjit
 def screen_exact_f16(tokens, conf, approx, u, xscale, h, e16, err_h, norm8, exclude):
     # The exact head's argmax from the int8 head's logits approx[M, V] (overwritten):
     # |exact - approx| <= bound[m, r] = (err_h[r] ||h_m|| + norm8[r] ||h_m - q_m / s_m||)

@@ -129,8 +129,8 @@ class Model:
         if self._approx is None or self._approx.shape[0] < m:
             self._approx = np.empty((m, emb.n_rows), np.float32)  # reused: no fresh pages
         approx = self._approx[:m]
-        lm_head_int8_run(TILE_PATH[self.kernel], approx, np.empty((-(-emb.n_rows // LM_ROWS), m, 3)),
-                         u, xs, hd.e8, hd.e_inv, hd.e_sum, -1)
+        part = np.empty((-(-emb.n_rows // LM_ROWS), m, 3))
+        lm_head_int8_run(TILE_PATH[self.kernel], approx, part, u, xs, hd.e8, hd.e_inv, hd.e_sum, -1)
         e16 = emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
         screen_exact_f16(tok, conf, approx, u, xs, h, e16, hd.err_h, hd.norm8, exclude)
 

@@ -112,10 +112,10 @@ class Int8Head(NamedTuple):
     norm8: np.ndarray  # float32 [V]: ||e8 / s|| (multiplies ||h - q / s_h||)
 
 
-def quantize_head(emb: Embedding, chunk: int = 8192) -> Int8Head:
+def quantize_head(emb: Embedding, chunk: int = 2048) -> Int8Head:
     """Quantize the LM head per row to int8, the way activations are (absmax, half-even), and
     measure each row's quantization error (float64 norms, rounded up to float32)."""
-    from ..kernels.lm_head import LM_ROWS, exact_sum_error, interleave_rows
+    from ..kernels.lm_head import LM_ROWS, exact_sum_error, head_error_norms, interleave_rows
     from ..kernels.ops import quantize_rows
 
     kp = padded_k(emb.n_cols)
@@ -125,6 +125,7 @@ def quantize_head(emb: Embedding, chunk: int = 8192) -> Int8Head:
     e_sum = np.empty(emb.n_rows, np.int32)
     err_h = np.empty(emb.n_rows, np.float32)
     norm8 = np.empty(emb.n_rows, np.float32)
+    sum_error = exact_sum_error(emb.n_cols)
     for start in range(0, emb.n_rows, chunk):  # chunk: a multiple of 16
         stop = min(emb.n_rows, start + chunk)
         rows = np.empty((-(-(stop - start) // 16) * 16, kp), np.int8)  # zero padding rows
@@ -133,20 +134,10 @@ def quantize_head(emb: Embedding, chunk: int = 8192) -> Int8Head:
         quantize_rows(rows, e_inv[start:stop], sums, exact)
         e_sum[start:stop] = sums[:stop - start]
         e8[start // 16:start // 16 + rows.shape[0] // 16] = interleave_rows(rows)
-        approx = rows[:stop - start, :emb.n_cols] / e_inv[start:stop, None].astype(np.float64)
-        exact = exact.astype(np.float64)
-        err = (np.linalg.norm(exact - approx, axis=1)
-               + exact_sum_error(emb.n_cols) * np.linalg.norm(exact, axis=1))
-        err_h[start:stop] = _round_up_f32(err)
-        norm8[start:stop] = _round_up_f32(np.linalg.norm(approx, axis=1))
+        head_error_norms(err_h[start:stop], norm8[start:stop], exact, rows, e_inv[start:stop],
+                         sum_error)
     e8[-(-emb.n_rows // 16):] = 0  # padding rows
     return Int8Head(e8, e_inv, e_sum, err_h, norm8)
-
-
-def _round_up_f32(x: np.ndarray) -> np.ndarray:
-    """float64 -> the nearest float32 not below it."""
-    y = x.astype(np.float32)
-    return np.where(y < x, np.nextafter(y, np.float32(np.inf)), y).astype(np.float32)
 
 
 @dataclass
