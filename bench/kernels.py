@@ -3,7 +3,9 @@
     python bench/kernels.py [--threads N] [--kernel vnni512|vnni256|avx2|portable] [--quick]
 
 The peak is the matmul's own register tile (6 tokens x 4 weight vectors of vpdpbusd on the
-vnni512 path) looping over L1-resident rows, one per thread, measured in the same run.  Medians of several calls per shape.
+vnni512 path) looping over L1-resident rows, one per thread, measured in the same run.  Medians
+of several calls per shape.  LM head rows: the int8 head, the full exact F16 head, and the exact
+head through the int8 screen (the argmax as greedy decoding runs it).
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ from numba import prange
 
 from dlmnumba.kernels.cpu import set_threads
 from dlmnumba.kernels.dispatch import select_path
-from dlmnumba.kernels.lm_head import (LM_HEAD, LM_ROWS, TILE_PATH, interleave_rows,
-                                      lm_head_exact_f16)
+from dlmnumba.kernels.lm_head import (LM_HEAD, LM_ROWS, TILE_PATH, exact_argmax_screened,
+                                      interleave_rows, lm_head_exact_f16)
 from dlmnumba.kernels.simd import bcast_tile
 from dlmnumba.kernels.ternary import M_ALIGN, pack_codes, padded_k, ternary_matmul
+from dlmnumba.model.weights import F16, Embedding, quantize_head
 
 E, FF, KV, VOCAB = 2560, 6912, 640, 128256
 SHAPES = [("q / o", E, E), ("k / v", E, KV), ("qkv fused", E, E + 2 * KV),
@@ -133,6 +136,11 @@ def main() -> None:
     e8 = interleave_rows(rows)
     del rows
     e16 = (rng.standard_normal((VOCAB, E), dtype=np.float32) * 0.02).astype(np.float16)
+    # the exact head through the int8 screen (greedy decoding's default); random rows and
+    # states: logits close together, hundreds of rows rescored per token (a trained model's
+    # peaked logits leave fewer)
+    head = quantize_head(Embedding(e16.reshape(-1).view(np.uint8), F16, VOCAB, E, "bench"))
+    approx = np.empty((max(ms), VOCAB), np.float32)
     for m in ms:
         mp = -(-m // M_ALIGN) * M_ALIGN
         part = np.empty((-(-VOCAB // LM_ROWS), m, 3))
@@ -149,6 +157,11 @@ def main() -> None:
         g = m * E * VOCAB / dt / 1e9
         print(f"{'LM head F16':<16}{E:>6}{VOCAB:>8}{m:>5}{dt * 1e3:>10.2f}{g:>9.1f}"
               f"{'(f32)':>8}")
+        tok, conf = np.empty(m, np.int64), np.empty(m, np.float32)
+        dt = timed(lambda: exact_argmax_screened(
+            tok, conf, h[:m], e16.view(np.uint16), head.e8, head.e_inv, head.e_sum, head.err_h,
+            head.norm8, TILE_PATH[path], approx[:m], -1), repeats)
+        print(f"{'F16 screened':<16}{E:>6}{VOCAB:>8}{m:>5}{dt * 1e3:>10.2f}")
 
 
 if __name__ == "__main__":

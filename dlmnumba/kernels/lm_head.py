@@ -261,6 +261,22 @@ def _best_lower_bound(row, err_h, norm8, a, b):
     return lo
 
 
+def exact_argmax_screened(tokens: np.ndarray, conf: np.ndarray, h: np.ndarray, e16: np.ndarray,
+                          e8: np.ndarray, e_inv: np.ndarray, e_sum: np.ndarray,
+                          err_h: np.ndarray, norm8: np.ndarray, path: str, approx: np.ndarray,
+                          exclude: int) -> None:
+    """The exact F16 head's argmax (and a mixed confidence) for h[M, K] float32: the int8 head
+    on tile path `path` writes approx[M, V] (scratch), screen_exact_f16 rescores the rows that
+    may win.  e16: the embedding's F16 bits [V, K]; e8 .. norm8: weights.Int8Head."""
+    m, v = h.shape[0], e16.shape[0]
+    u = np.empty((-(-m // M_ALIGN) * M_ALIGN, e8.shape[1] * KSTEP), np.uint8)
+    xs = np.empty(m, np.float32)
+    quantize_activations_u8(u, xs, h)
+    lm_head_int8_run(path, approx, np.empty((-(-v // LM_ROWS), m, 3)), u, xs, e8, e_inv, e_sum,
+                     -1)
+    screen_exact_f16(tokens, conf, approx, u, xs, h, e16, err_h, norm8, exclude)
+
+
 @jit
 def combine_partials(tokens, conf, part):
     # tokens[M], conf[M] <- argmax and its softmax probability from per-task partials

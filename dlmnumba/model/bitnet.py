@@ -17,8 +17,8 @@ from ..kernels.dispatch import select_path
 from ..kernels.simd import F16_TILE, KSTEP
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .kv_cache import KVCache
-from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, lm_head_int8_run,
-                               lm_head_exact_f16, quantize_activations_u8, screen_exact_f16)
+from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, exact_argmax_screened,
+                               lm_head_exact_f16, lm_head_int8_run, quantize_activations_u8)
 from .weights import F16, Int8Head, Ternary, Weights, load_weights, quantize_head
 
 ATTENTION_MODES = ("causal", "block")
@@ -125,22 +125,11 @@ class Model:
                          exclude: int) -> None:
         """The exact head's argmax through the int8 screen (see forward_argmax)."""
         m, hd, emb = h.shape[0], self.head8, self.weights.output
-        u, xs = self._quantize_head_input(h)
         if self._approx is None or self._approx.shape[0] < m:
             self._approx = np.empty((m, emb.n_rows), np.float32)  # reused: no fresh pages
-        approx = self._approx[:m]
-        part = np.empty((-(-emb.n_rows // LM_ROWS), m, 3))
-        lm_head_int8_run(TILE_PATH[self.kernel], approx, part, u, xs, hd.e8, hd.e_inv, hd.e_sum, -1)
         e16 = emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
-        screen_exact_f16(tok, conf, approx, u, xs, h, e16, hd.err_h, hd.norm8, exclude)
-
-    def _quantize_head_input(self, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """h quantized per row for the int8 head: u[Mp, Kp] uint8 (q + 128), scales[M]."""
-        m = h.shape[0]
-        u = np.empty((-(-m // M_ALIGN) * M_ALIGN, self.head8.e8.shape[1] * KSTEP), np.uint8)
-        xs = np.empty(m, np.float32)
-        quantize_activations_u8(u, xs, h)
-        return u, xs
+        exact_argmax_screened(tok, conf, h, e16, hd.e8, hd.e_inv, hd.e_sum, hd.err_h, hd.norm8,
+                              TILE_PATH[self.kernel], self._approx[:m], exclude)
 
     def _head(self, h: np.ndarray, logits: np.ndarray, exclude: int) -> np.ndarray | None:
         """Run an LM-head kernel into logits, or (logits of width 0) into fused partials
@@ -150,7 +139,9 @@ class Model:
         part = np.empty((-(-emb.n_rows // LM_ROWS), m, 3), np.float64)
         if self.lm_head == "int8":
             hd = self.head8
-            u, xs = self._quantize_head_input(h)
+            u = np.empty((-(-m // M_ALIGN) * M_ALIGN, hd.e8.shape[1] * KSTEP), np.uint8)
+            xs = np.empty(m, np.float32)
+            quantize_activations_u8(u, xs, h)
             lm_head_int8_run(TILE_PATH[self.kernel], logits, part, u, xs, hd.e8, hd.e_inv,
                              hd.e_sum, exclude)
             return part
