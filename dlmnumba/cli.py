@@ -120,7 +120,9 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
 
         rss, peak = process_memory_mib()
         rows += [("load time", f"{m.load_seconds:.2f} s ({m.threads} threads)"),
-                 ("kernel path", f"{m.kernel}; LM head {m.lm_head}"),
+                 ("kernel path", f"{m.kernel}; LM head {m.lm_head}"
+                                 + (" (greedy: int8 screen)" if m.lm_head == "exact"
+                                    and m.head8 is not None else "")),
                  ("ternary weights", f"{n_w / 1e6:.1f} M in {packed / 2**20:.1f} MiB "
                                      f"({8 * packed / n_w:.2f} bits/weight)"),
                  ("resident memory", f"{rss:.0f} MiB (peak {peak:.0f} MiB)")]
@@ -170,7 +172,8 @@ def decode_options(fn):
                                                     "portable"]),
                      help="int8 kernel instruction path (default: the fastest this CPU has)."),
         click.option("--lm-head", type=click.Choice(["exact", "int8"]),
-                     help="exact: the stored embedding; int8: quantized per row (faster)."),
+                     help="exact: the stored embedding (greedy: through an int8 screen, same "
+                          "tokens); int8: quantized per row."),
         click.option("--temperature", type=float, help="0 = greedy argmax."),
         click.option("--top-k", type=int, help="Sample from the k most likely (0 = off)."),
         click.option("--top-p", type=float, help="Nucleus sampling mass (1 = off)."),
