@@ -9,6 +9,12 @@ sum q e8 + 128 sum e8, so
 `lm_head_int8` either writes logits[M, V] or, fused, keeps per task a running max, its index
 and the sum of exp(logit - max) per token (online softmax), so greedy decoding never
 materialises M x V floats; `combine_partials` merges the tasks' partials in an explicit step.
+
+The exact head (`lm_head_f16`: the stored F16 embedding times float32 h) has the same fused
+form.  For an argmax alone, `exact_argmax_screened` runs the int8 head, bounds each row's
+|exact - int8| rigorously (`screen_exact_f16`, norms from `head_error_norms`) and recomputes
+exactly, with lm_head_f16's own arithmetic, only the rows that can still win: the exact head's
+token for a fraction of its work.
 """
 from __future__ import annotations
 
