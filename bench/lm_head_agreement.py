@@ -54,7 +54,7 @@ def main() -> None:
         m._screened_argmax(tok, conf, h, -1)
         t_screen = time.perf_counter() - t
         # the screen leaves exact logits in its scratch int8 logits (q) where it recomputed
-        rescored = (m._approx[:len(ids)] != q).sum(1)
+        rescored = (m._scratch.approx[:len(ids)] != q).sum(1)
         agree = (tok == exact.argmax(1)).mean()
         print(f"int8-screened exact head: top-1 agreement with exact {agree:.4f}, "
               f"{t_screen * 1e3:.0f} ms, rows recomputed exactly per token: median "

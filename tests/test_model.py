@@ -126,3 +126,21 @@ def test_screened_argmax_is_the_exact_heads(tiny, attention, block):
                                             exclude=exclude, exact_confidence=exact_confidence)
             assert np.array_equal(tok, ref.argmax(1))
             np.testing.assert_allclose(conf, conf_ref, rtol=1e-5 if exact_confidence else 5e-2)
+
+
+def test_screened_argmax_from_threads(tiny):
+    """Two threads decoding at once (the kernels release the GIL) each get the exact head's
+    argmax: the screen's scratch logits are per thread, not shared."""
+    from concurrent.futures import ThreadPoolExecutor
+    seqs = [TOKENS, TOKENS[::-1] + [5, 6]]
+    refs = [tiny.logits(s).argmax(1) for s in seqs]
+
+    def run(i):
+        out = []
+        for _ in range(20):
+            tok, _ = tiny.forward_argmax(seqs[i], None, tiny.new_cache(), exact_confidence=False)
+            out.append(np.array_equal(tok, refs[i]))
+        return all(out)
+
+    with ThreadPoolExecutor(2) as ex:
+        assert all(ex.map(run, [0, 1, 0, 1]))

@@ -1,6 +1,7 @@
 """The BitNet b1.58 transformer: load a GGUF file, run a batch of tokens against a KV cache."""
 from __future__ import annotations
 
+import threading
 import time
 from typing import Sequence
 
@@ -55,7 +56,7 @@ class Model:
         self.head8: Int8Head | None = (
             quantize_head(emb) if lm_head == "int8" or (emb.qtype == F16 and emb.n_cols % 16 == 0)
             else None)
-        self._approx: np.ndarray | None = None  # scratch logits of the screened exact head
+        self._scratch = threading.local()  # per thread: the screened exact head's int8 logits
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -125,11 +126,12 @@ class Model:
                          exclude: int) -> None:
         """The exact head's argmax through the int8 screen (see forward_argmax)."""
         m, hd, emb = h.shape[0], self.head8, self.weights.output
-        if self._approx is None or self._approx.shape[0] < m:
-            self._approx = np.empty((m, emb.n_rows), np.float32)  # reused: no fresh pages
+        approx = getattr(self._scratch, "approx", None)
+        if approx is None or approx.shape[0] < m:  # reused while big enough: no fresh pages
+            approx = self._scratch.approx = np.empty((m, emb.n_rows), np.float32)
         e16 = emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
         exact_argmax_screened(tok, conf, h, e16, hd.e8, hd.e_inv, hd.e_sum, hd.err_h, hd.norm8,
-                              TILE_PATH[self.kernel], self._approx[:m], exclude)
+                              TILE_PATH[self.kernel], approx[:m], exclude)
 
     def _head(self, h: np.ndarray, logits: np.ndarray, exclude: int) -> np.ndarray | None:
         """Run an LM-head kernel into logits, or (logits of width 0) into fused partials
