@@ -23,7 +23,7 @@ import numpy as np
 from numba import prange
 
 from .cpu import jit, pjit
-from .simd import COLS, F16_LANES, F16_TILE, KSTEP, PATHS as SIMD_PATHS
+from .simd import COLS, F16_LANES, F16_TILE, F16_TOK, KSTEP, PATHS as SIMD_PATHS
 from .simd import bcast_tile, exp_sum, f16_rows, f16_tile
 from .ternary import M_ALIGN
 
@@ -115,13 +115,13 @@ def lm_head_int8(path, n_vec, logits, part, u, xscale, e8, e_inv, e_sum, exclude
 @pjit
 def lm_head_f16(n_tok, logits, part, h, e16, exclude):
     # logits[M, V] = h[M, K] . e16[V, K] (F16 bits, the stored embedding) in float32, or
-    # fused partials (see _emit).  h has rows padded to a multiple of 4 (zeros); K % 16 == 0.
+    # fused partials (see _emit).  h has rows padded to a multiple of n_tok (zeros); K % 16 == 0.
     mp, k = h.shape
     v = e16.shape[0]
     m_rows = part.shape[1]
     lit = numba.literally(n_tok)
     for t in prange((v + LM_ROWS - 1) // LM_ROWS):
-        acc = np.zeros((F16_TILE * F16_TILE, F16_LANES), np.float32)
+        acc = np.zeros((F16_TILE * F16_TOK, F16_LANES), np.float32)
         r0 = t * LM_ROWS
         nr = min(LM_ROWS, v - r0)
         blk = np.empty((m_rows, nr), np.float32)
@@ -140,7 +140,7 @@ def lm_head_f16(n_tok, logits, part, h, e16, exclude):
                     for j in range(min(lit, m_rows - m0)):
                         x = np.float32(0.0)
                         for lane in range(F16_LANES):
-                            x += acc[i * F16_TILE + j, lane]
+                            x += acc[i * F16_TOK + j, lane]
                         blk[m0 + j, c0 + i] = x
         _emit(blk, logits, part, t, r0, exclude)
 
@@ -205,7 +205,7 @@ def screen_exact_f16(tokens, conf, approx, u, xscale, h, e16, err_h, norm8, excl
             row[exclude] = -np.inf
         lo = _best_lower_bound(row, err_h, norm8, a32, b32)
         # rows that may win, in ascending order, rescored 4 at a time (independent chains)
-        acc = np.zeros((F16_TILE * F16_TILE, F16_LANES), np.float32)
+        acc = np.zeros((F16_TILE * F16_TOK, F16_LANES), np.float32)
         pend = np.zeros(F16_TILE, np.int64)
         n = 0
         best, best_val = -1, np.float32(-np.inf)
@@ -237,7 +237,7 @@ def _rescore(row, pend, n, e16, acc, h, best, best_val):
     for j in range(n):
         x = np.float32(0.0)
         for lane in range(F16_LANES):
-            x += acc[j * F16_TILE, lane]
+            x += acc[j * F16_TOK, lane]
         row[pend[j]] = x
         if x > best_val:
             best, best_val = pend[j], x
@@ -360,15 +360,22 @@ def _f16_one(logits, part, h, e16, exclude):
 
 
 @jit
-def _f16_four(logits, part, h, e16, exclude):
-    lm_head_f16(4, logits, part, h, e16, exclude)
+def _f16_many(logits, part, h, e16, exclude):
+    lm_head_f16(5, logits, part, h, e16, exclude)
 
 
 def lm_head_exact_f16(logits: np.ndarray, part: np.ndarray, h: np.ndarray, e16: np.ndarray,
                       exclude: int) -> None:
-    """The exact LM head over an F16 embedding (e16: its uint16 bits); see lm_head_f16."""
-    m = part.shape[1]
+    """The exact LM head over an F16 embedding (e16: its uint16 bits) for the first M rows of
+    h[>= M, K] float32, M = part.shape[1]; see lm_head_f16."""
+    m, k = part.shape[1], h.shape[1]
+    if h.shape[0] < m or k != e16.shape[1] or k % 16:
+        raise ValueError(f"exact LM head operands do not fit: h {h.shape}, e16 {e16.shape}, "
+                         f"{m} tokens")
     if m == 1:
-        _f16_one(logits, part, h, e16, exclude)
-    else:
-        _f16_four(logits, part, h, e16, exclude)
+        _f16_one(logits, part, np.ascontiguousarray(h[:1]), e16, exclude)
+        return
+    mp = -(-m // F16_TOK) * F16_TOK  # the tile reads whole groups of F16_TOK rows
+    hp = np.zeros((mp, k), np.float32)
+    hp[:m] = h[:m]
+    _f16_many(logits, part, hp, e16, exclude)

@@ -15,7 +15,7 @@ from ..kernels import attention as attn_k
 from ..kernels import ops
 from ..kernels.cpu import set_threads
 from ..kernels.dispatch import select_path
-from ..kernels.simd import F16_TILE, KSTEP
+from ..kernels.simd import KSTEP
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .kv_cache import KVCache
 from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, exact_argmax_screened,
@@ -148,10 +148,8 @@ class Model:
                              hd.e_sum, exclude)
             return part
         if emb.qtype == F16 and emb.n_cols % 16 == 0:
-            hp = np.zeros((-(-m // F16_TILE) * F16_TILE, emb.n_cols), np.float32)
-            hp[:m] = h
             e16 = emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
-            lm_head_exact_f16(logits, part, hp, e16, exclude)
+            lm_head_exact_f16(logits, part, h, e16, exclude)
             return part
         return None
 
