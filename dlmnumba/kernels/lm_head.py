@@ -275,9 +275,7 @@ def exact_argmax_screened(tokens: np.ndarray, conf: np.ndarray, h: np.ndarray, e
     on tile path `path` writes approx[M, V] (scratch), screen_exact_f16 rescores the rows that
     may win.  e16: the embedding's F16 bits [V, K]; e8 .. norm8: weights.Int8Head."""
     m, v = h.shape[0], e16.shape[0]
-    u = np.empty((-(-m // M_ALIGN) * M_ALIGN, e8.shape[1] * KSTEP), np.uint8)
-    xs = np.empty(m, np.float32)
-    quantize_activations_u8(u, xs, h)
+    u, xs = quantize_head_input(h, e8)
     lm_head_int8_run(path, approx, np.empty((-(-v // LM_ROWS), m, 3)), u, xs, e8, e_inv, e_sum,
                      -1)
     screen_exact_f16(tokens, conf, approx, u, xs, h, e16, err_h, norm8, exclude)
@@ -319,6 +317,16 @@ def quantize_activations_u8(u, xscale, h):
             u[m, i] = np.uint8(np.int32(min(max(np.rint(h[m, i] * s), -128.0), 127.0)) + U_OFFSET)
         for i in range(k, u.shape[1]):
             u[m, i] = U_OFFSET
+
+
+def quantize_head_input(h: np.ndarray, e8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """h[M, K] float32 quantized for the int8 head e8: u[Mp, Kp] uint8 (q + 128, rows padded
+    to M_ALIGN) and the per-token scales xscale[M] (quantize_activations_u8)."""
+    m = h.shape[0]
+    u = np.empty((-(-m // M_ALIGN) * M_ALIGN, e8.shape[1] * KSTEP), np.uint8)
+    xs = np.empty(m, np.float32)
+    quantize_activations_u8(u, xs, h)
+    return u, xs
 
 
 # one entry point per tile path (constant literal: compiled on first use only)

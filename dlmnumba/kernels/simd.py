@@ -57,6 +57,16 @@ def _const(v: int):
     return ir.Constant(_I64, v)
 
 
+def _fconst(t, v: float):
+    """v as a float32 constant of type t (a scalar, or in every lane of a vector)."""
+    return ir.Constant(t, [v] * t.count) if isinstance(t, ir.VectorType) else ir.Constant(t, v)
+
+
+def _prefetch_fn(module):
+    """llvm.prefetch(ptr, rw, locality, cache type)."""
+    return _declare(module, "llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+
+
 class _Dot4:
     """acc(int32 x W/4) + sum over each lane's 4 byte products of u (unsigned) and s (signed)."""
 
@@ -98,11 +108,7 @@ class _Dot4:
         """The 4 bytes at base + offset in every lane."""
         b = self.b
         word = b.load(b.bitcast(b.gep(base, [offset]), _I32.as_pointer()), align=1)
-        vec = b.insert_element(ir.Constant(self.acc_t, ir.Undefined), word,
-                               ir.Constant(_I32, 0))
-        splat = b.shuffle_vector(vec, ir.Constant(self.acc_t, ir.Undefined),
-                                 ir.Constant(self.acc_t, [0] * self.acc_t.count))
-        return b.bitcast(splat, self.byte_t)
+        return b.bitcast(_splat(b, word, self.acc_t), self.byte_t)
 
 
 def _literals(*args) -> bool:
@@ -180,8 +186,7 @@ def _packed_codegen(path: str, n_vec: int):
         p_base = builder.inttoptr(pa, _I8.as_pointer())
         x_base = builder.inttoptr(xa, _I8.as_pointer())
         o_base = builder.inttoptr(oa, _I32.as_pointer())
-        prefetch = _declare(builder.module, "llvm.prefetch.p0", ir.VoidType(),
-                            [_I8.as_pointer(), _I32, _I32, _I32])
+        prefetch = _prefetch_fn(builder.module)
         zero = ir.Constant(dot.acc_t, None)
         accs = {(c, h, s): cgutils.alloca_once_value(builder, zero)
                 for c in range(n_vec) for h in range(halves) for s in range(4)}
@@ -246,8 +251,7 @@ def prefetch(typingctx, addr, n_bytes):
 
     def codegen(context, builder, signature, args):
         a, n = args
-        fn = _declare(builder.module, "llvm.prefetch.p0", ir.VoidType(),
-                      [_I8.as_pointer(), _I32, _I32, _I32])
+        fn = _prefetch_fn(builder.module)
         base = builder.inttoptr(a, _I8.as_pointer())
         lines = builder.udiv(builder.add(n, _const(63)), _const(64))
         with cgutils.for_range(builder, lines) as loop:
@@ -329,8 +333,7 @@ def silu_mul(typingctx, out_addr, gate_addr, up_addr, n):
         def silu(t, width, i):
             exp = _exp_emitter(builder, t)
             fabs = _declare(builder.module, f"llvm.fabs.{_suffix(t)}", t, [t])
-            one = _splat(builder, ir.Constant(f32, 1.0), t) if width > 1 else ir.Constant(f32, 1.0)
-            zero = _splat(builder, ir.Constant(f32, 0.0), t) if width > 1 else ir.Constant(f32, 0.0)
+            one, zero = _fconst(t, 1.0), _fconst(t, 0.0)
 
             def ptr(base):
                 p = builder.gep(base, [i])
@@ -440,17 +443,16 @@ def _splat(builder, x, vt):
 
 def _exp_emitter(builder, t):
     """exp(x) for float32 scalars or vectors of type t, x <= 0; 0 below -87 (see exp_sum)."""
-    f32 = ir.FloatType()
     vec = isinstance(t, ir.VectorType)
     it = ir.VectorType(_I32, t.count) if vec else _I32
-    suffix = f"v{t.count}f32" if vec else "f32"
+    suffix = _suffix(t)
     mod = builder.module
     rint = _declare(mod, f"llvm.rint.{suffix}", t, [t])
     maxnum = _declare(mod, f"llvm.maxnum.{suffix}", t, [t, t])
     fma = _declare(mod, f"llvm.fma.{suffix}", t, [t, t, t])
 
     def c(v):
-        return ir.Constant(t, [v] * t.count) if vec else ir.Constant(f32, v)
+        return _fconst(t, v)
 
     def ci(v):
         return ir.Constant(it, [v] * t.count) if vec else ir.Constant(_I32, v)

@@ -15,12 +15,11 @@ from ..kernels import attention as attn_k
 from ..kernels import ops
 from ..kernels.cpu import set_threads
 from ..kernels.dispatch import select_path
-from ..kernels.simd import KSTEP
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .kv_cache import KVCache
 from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, exact_argmax_screened,
-                               lm_head_exact_f16, lm_head_int8_run, quantize_activations_u8)
-from .weights import F16, Int8Head, Ternary, Weights, load_weights, quantize_head
+                               lm_head_exact_f16, lm_head_int8_run, quantize_head_input)
+from .weights import F16, Int8Head, Weights, load_weights, quantize_head
 
 ATTENTION_MODES = ("causal", "block")
 LM_HEADS = ("exact", "int8")
@@ -51,11 +50,15 @@ class Model:
             if bar is not None:
                 bar.close()
         emb = self.weights.output
+        # the F16 bits of the embedding, for the exact head's F16 kernels (full head and
+        # rescoring; rows of whole 16-lane vectors), or None
+        self._e16: np.ndarray | None = (
+            emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
+            if emb.qtype == F16 and emb.n_cols % 16 == 0 else None)
         # the int8 head: the logits of lm_head 'int8'; with 'exact' over an F16 embedding, the
         # screen that finds the exact argmax with few exact rows (lm_head.screen_exact_f16)
         self.head8: Int8Head | None = (
-            quantize_head(emb) if lm_head == "int8" or (emb.qtype == F16 and emb.n_cols % 16 == 0)
-            else None)
+            quantize_head(emb) if lm_head == "int8" or self._e16 is not None else None)
         self._scratch = threading.local()  # per thread: the screened exact head's int8 logits
         self.load_seconds = time.perf_counter() - t0
 
@@ -101,11 +104,12 @@ class Model:
         tok, conf = np.empty(n, np.int64), np.empty(n, np.float32)
         if n == 0:
             return tok, conf
+        skip = -1 if exclude is None else exclude
         if (not exact_confidence and self.lm_head == "exact" and self.head8 is not None
                 and np.isfinite(h).all()):
-            self._screened_argmax(tok, conf, h, -1 if exclude is None else exclude)
+            self._screened_argmax(tok, conf, h, skip)
             return tok, conf
-        part = self._head(h, np.empty((0, 0), np.float32), -1 if exclude is None else exclude)
+        part = self._head(h, np.empty((0, 0), np.float32), skip)
         if part is None:  # no kernel for this embedding type: full logits, then argmax
             logits = self.project(h)
             if exclude is not None:
@@ -129,8 +133,7 @@ class Model:
         approx = getattr(self._scratch, "approx", None)
         if approx is None or approx.shape[0] < m:  # reused while big enough: no fresh pages
             approx = self._scratch.approx = np.empty((m, emb.n_rows), np.float32)
-        e16 = emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
-        exact_argmax_screened(tok, conf, h, e16, hd.e8, hd.e_inv, hd.e_sum, hd.err_h, hd.norm8,
+        exact_argmax_screened(tok, conf, h, self._e16, hd.e8, hd.e_inv, hd.e_sum, hd.err_h, hd.norm8,
                               TILE_PATH[self.kernel], approx[:m], exclude)
 
     def _head(self, h: np.ndarray, logits: np.ndarray, exclude: int) -> np.ndarray | None:
@@ -141,15 +144,12 @@ class Model:
         part = np.empty((-(-emb.n_rows // LM_ROWS), m, 3), np.float64)
         if self.lm_head == "int8":
             hd = self.head8
-            u = np.empty((-(-m // M_ALIGN) * M_ALIGN, hd.e8.shape[1] * KSTEP), np.uint8)
-            xs = np.empty(m, np.float32)
-            quantize_activations_u8(u, xs, h)
+            u, xs = quantize_head_input(h, hd.e8)
             lm_head_int8_run(TILE_PATH[self.kernel], logits, part, u, xs, hd.e8, hd.e_inv,
                              hd.e_sum, exclude)
             return part
-        if emb.qtype == F16 and emb.n_cols % 16 == 0:
-            e16 = emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
-            lm_head_exact_f16(logits, part, h, e16, exclude)
+        if self._e16 is not None:
+            lm_head_exact_f16(logits, part, h, self._e16, exclude)
             return part
         return None
 
