@@ -196,8 +196,7 @@ def run_benchmark(gen: Generator, prompt: list[int], iterations: int, warmup: in
     stats: list[RequestStats] = []
     t0 = time.perf_counter()
     for _ in range(iterations):
-        gen.generate(prompt)
-        stats.append(dataclasses.replace(gen.stats))
+        stats.append(gen.generate(prompt).stats)
         if on_request is not None:
             on_request(stats[-1])
         bar.update(1)

@@ -120,9 +120,7 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
 
         rss, peak = process_memory_mib()
         rows += [("load time", f"{m.load_seconds:.2f} s ({m.threads} threads)"),
-                 ("kernel path", f"{m.kernel}; LM head {m.lm_head}"
-                                 + (" (greedy: int8 screen)" if m.lm_head == "exact"
-                                    and m.head8 is not None else "")),
+                 ("kernel path", f"{m.kernel}; LM head {m.head.describe()}"),
                  ("ternary weights", f"{n_w / 1e6:.1f} M in {packed / 2**20:.1f} MiB "
                                      f"({8 * packed / n_w:.2f} bits/weight)"),
                  ("resident memory", f"{rss:.0f} MiB (peak {peak:.0f} MiB)")]
@@ -290,12 +288,13 @@ def generate(prompt: str, chat: bool | None, **opts) -> None:
         chat = bool(m.file.metadata.get("tokenizer.chat_template"))
     ids = m.tokenizer.encode(_chat(m, prompt) if chat else prompt)
     dec = m.tokenizer.stream_decoder()
-    for chunk in gen.stream(ids):
+    stream = gen.stream(ids)
+    for chunk in stream:
         text = "".join(dec.push(t) for t in chunk.tokens)
         click.echo(text, nl=False)
         sys.stdout.flush()
     click.echo(dec.flush())
-    st = gen.stats
+    st = stream.stats
     click.echo(f"[{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated in "
                f"{st.forward_passes} forward passes ({st.tokens_per_pass:.2f} tokens/pass); "
                f"first token {st.ttft_s * 1e3:.0f} ms, total {st.latency_s:.2f} s, "

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import dlmnumba
+from dlmnumba.decode import policies
 from dlmnumba.decode import scheduler as sched
 from dlmnumba.decode.scheduler import DecodeSettings, Generator
 from dlmnumba.decode.strategies import step_threshold
@@ -93,8 +94,8 @@ def test_adaptive_uses_its_three_thresholds_in_order(tiny, monkeypatch):
     assert [step_threshold("adaptive", 0.6, i) for i in range(3)] == [0.5, 0.7, 0.6]
     assert [step_threshold("iterative", 0.9, i) for i in range(3)] == [0.9, 0.9, 0.9]
     seen = []
-    real = sched.select_unmask
-    monkeypatch.setattr(sched, "select_unmask", lambda c, t: (seen.append(t), real(c, t))[1])
+    real = policies.select_unmask
+    monkeypatch.setattr(policies, "select_unmask", lambda c, t: (seen.append(t), real(c, t))[1])
     run(tiny, prompt=PROMPT[:8], mode="adaptive", threshold=0.9, block_size=8,
         small_block_size=8, max_iterations_per_block=100, max_tokens=8)
     assert len(seen) >= 3 and seen[:3] == [0.5, 0.7, 0.9] and set(seen[2:]) == {0.9}
@@ -225,9 +226,10 @@ def test_seed_replay_matches_llamacpp(synth_model):
     gen = Generator(m, DecodeSettings(mode="greedy", block_size=16, kv_commit="none",
                                       attention="causal", max_tokens=49))
     gen.eog = frozenset()
-    ours = gen.generate(PROMPT).tokens
+    out = gen.generate(PROMPT)
+    ours = out.tokens
     lc = LlamaCpp(path, n_ctx=256, exact=True)
     theirs, passes = seed_replay(lc, PROMPT, m.spec.mask_id, block_size=16, max_tokens=49)
     lc.close()
-    assert passes == gen.stats.forward_passes == 4
+    assert passes == out.stats.forward_passes == 4
     assert ours == theirs[:49]

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import dlmnumba
+from dlmnumba.model.heads import ExactF16Head
 from oracles import load_gguf_weights, numpy_logits
 
 TOKENS = [1007, 39, 735, 78, 271, 285, 493, 5, 600, 7, 88, 1000, 3]
@@ -112,7 +113,7 @@ def test_screened_argmax_is_the_exact_heads(tiny, attention, block):
     """forward_argmax through the int8 screen (exact_confidence False, as greedy decoding runs
     it) picks exactly the argmax of the exact logits, the excluded token never; the exact-
     confidence path gives the same tokens with the exact softmax probability."""
-    assert tiny.head8 is not None  # the tiny model's F16 embedding is screened
+    assert isinstance(tiny.head, ExactF16Head)  # the tiny model's F16 embedding is screened
     logits = tiny.logits(TOKENS, attention=attention, block_size=block).astype(np.float64)
     for exclude in (None, int(logits[3].argmax())):
         ref = logits.copy()

@@ -10,9 +10,6 @@ import numpy as np
 
 from ..kernels.ops import argmax_confidence
 
-MODES = ("greedy", "iterative", "adaptive", "ar")
-ATTENTIONS = ("block", "causal")
-KV_COMMITS = ("normal", "none")
 
 
 @dataclass(frozen=True)
@@ -54,17 +51,11 @@ def pick_tokens(logits: np.ndarray, sampling: Sampling,
 
 
 def step_threshold(mode: str, threshold: float, step: int) -> float:
-    """Confidence threshold of refinement step `step` (0-based) of a sub-block.
-
-    iterative: always `threshold`; adaptive (the seed's schedule): max(0.5, t - 0.4) on the
-    first step, max(0.7, t - 0.2) on the second, t from the third on.
-    """
-    if mode == "adaptive":
-        if step == 0:
-            return max(0.5, threshold - 0.4)
-        if step == 1:
-            return max(0.7, threshold - 0.2)
-    return threshold
+    """Confidence threshold of refinement step `step` (0-based) of a sub-block under policy
+    `mode` (see decode/policies.py: iterative keeps `threshold`, adaptive rises to it)."""
+    from .policies import POLICIES
+    policy = POLICIES[mode]
+    return policy.threshold_at(threshold, step) if hasattr(policy, "threshold_at") else threshold
 
 
 def select_unmask(conf: np.ndarray, threshold: float) -> np.ndarray:

@@ -387,3 +387,27 @@ def lm_head_exact_f16(logits: np.ndarray, part: np.ndarray, h: np.ndarray, e16: 
     hp = np.zeros((mp, k), np.float32)
     hp[:m] = h[:m]
     _f16_many(logits, part, hp, e16, exclude)
+
+
+@pjit
+def lm_head_dense(logits, h, e):
+    # logits[M, V] = h[M, K] . e[V, K] in float32: lane l of 16 sums k = l (mod 16) in k order,
+    # then the lanes in order, so a row's logits do not depend on the other rows of the batch
+    # (BLAS picks other summation orders for other M: batched == alone needs this fixed one)
+    m_rows, k = h.shape
+    v = e.shape[0]
+    k16 = k // F16_LANES * F16_LANES
+    for t in prange((v + LM_ROWS - 1) // LM_ROWS):
+        acc = np.empty(F16_LANES, np.float32)
+        for r in range(t * LM_ROWS, min(v, (t + 1) * LM_ROWS)):
+            for m in range(m_rows):
+                acc[:] = 0.0
+                for k0 in range(0, k16, F16_LANES):
+                    for lane in range(F16_LANES):
+                        acc[lane] += h[m, k0 + lane] * e[r, k0 + lane]
+                for i in range(k16, k):
+                    acc[i - k16] += h[m, i] * e[r, i]
+                x = np.float32(0.0)
+                for lane in range(F16_LANES):
+                    x += acc[lane]
+                logits[m, r] = x

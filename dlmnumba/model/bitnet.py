@@ -1,4 +1,12 @@
-"""The BitNet b1.58 transformer: load a GGUF file, run a batch of tokens against a KV cache."""
+"""The BitNet b1.58 transformer: load a GGUF file, run many sequences' passes in one batch.
+
+`Model.forward_batch(segments)` is the one forward pass: every segment (one sequence's tokens
+against its own KV cache, model/batch.py) goes through the embedding, every BitLinear (one
+matmul per projection per layer over the rows of all segments), the norms and activations
+together; attention runs per segment against its own cache; the LM head runs once over the
+wanted rows of all segments that want the same output.  Each row is computed exactly as if
+its segment ran alone.  `forward`, `forward_argmax` and `forward_hidden` are one-segment calls.
+"""
 from __future__ import annotations
 
 import threading
@@ -16,24 +24,25 @@ from ..kernels import ops
 from ..kernels.cpu import set_threads
 from ..kernels.dispatch import select_path
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
+from .batch import AttentionMask, Output, Segment
+from .heads import HEAD_KINDS, LMHead, make_head
 from .kv_cache import KVCache
-from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, exact_argmax_screened,
-                               lm_head_exact_f16, lm_head_int8_run, quantize_head_input)
-from .weights import F16, Int8Head, Weights, load_weights, quantize_head
+from .weights import Weights, load_weights
 
-ATTENTION_MODES = ("causal", "block")
-LM_HEADS = ("exact", "int8")
+LM_HEADS = HEAD_KINDS
 
 
 class Model:
-    """A loaded BitNet model: spec, tokenizer, packed weights, and the forward pass."""
+    """A loaded BitNet model: spec, tokenizer, packed weights, LM head, and the forward pass.
+
+    Thread-safe: passes from several threads run one at a time (each is parallel inside)."""
 
     def __init__(self, path: str, threads: int | None = None, progress: bool = False,
                  kernel: str | None = None, lm_head: str = "exact"):
         t0 = time.perf_counter()
         self.kernel = select_path(kernel)  # int8 matmul instruction path (kernels/dispatch.py)
-        if lm_head not in LM_HEADS:
-            raise ValueError(f"lm_head must be one of {', '.join(LM_HEADS)}, got {lm_head!r}")
+        if lm_head not in HEAD_KINDS:
+            raise ValueError(f"lm_head must be one of {', '.join(HEAD_KINDS)}, got {lm_head!r}")
         self.lm_head = lm_head
         self.path = str(path)
         self.file = GGUFFile(self.path)
@@ -49,17 +58,8 @@ class Model:
         finally:
             if bar is not None:
                 bar.close()
-        emb = self.weights.output
-        # the F16 bits of the embedding, for the exact head's F16 kernels (full head and
-        # rescoring; rows of whole 16-lane vectors), or None
-        self._e16: np.ndarray | None = (
-            emb.raw.view(np.uint16).reshape(emb.n_rows, emb.n_cols)
-            if emb.qtype == F16 and emb.n_cols % 16 == 0 else None)
-        # the int8 head: the logits of lm_head 'int8'; with 'exact' over an F16 embedding, the
-        # screen that finds the exact argmax with few exact rows (lm_head.screen_exact_f16)
-        self.head8: Int8Head | None = (
-            quantize_head(emb) if lm_head == "int8" or self._e16 is not None else None)
-        self._scratch = threading.local()  # per thread: the screened exact head's int8 logits
+        self.head: LMHead = make_head(lm_head, self.weights.output, self.kernel)
+        self._lock = threading.Lock()  # one pass at a time (numba's thread pool is shared)
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -73,21 +73,29 @@ class Model:
             self._tokenizer = Tokenizer.from_metadata(self.file.metadata, self.path)
         return self._tokenizer
 
+    @property
+    def n_ctx(self) -> int:
+        """Positions the model was trained for (its context length)."""
+        return self.spec.n_ctx_train
+
     def new_cache(self, capacity: int = 256) -> KVCache:
         """An empty KV cache for one sequence."""
         return KVCache(self.spec, capacity)
 
+    # -- one-segment forms ------------------------------------------------------------------
     def forward(self, tokens: Sequence[int], positions: Sequence[int] | None, cache: KVCache,
-                attention: str = "causal", block_size: int | None = None,
+                attention: str | AttentionMask = "causal", block_size: int | None = None,
                 rows: Sequence[int] | slice | None = None) -> np.ndarray:
         """Run tokens at positions against the cache, append their K/V, return logits of `rows`.
 
         positions default to cache.length.. (a contiguous continuation).  attention 'causal' or
         'block' (bidirectional inside blocks of block_size aligned at absolute positions, causal
-        across).  rows selects which batch rows get logits (default all): float32 [R, n_vocab].
+        across), or an AttentionMask.  rows selects which batch rows get logits (default all):
+        float32 [R, n_vocab].
         """
-        return self.project(self.forward_hidden(tokens, positions, cache, attention, block_size,
-                                                rows))
+        return self.forward_batch([Segment(tokens, cache, positions,
+                                           AttentionMask.parse(attention, block_size), rows,
+                                           Output.LOGITS)])[0]
 
     def forward_argmax(self, tokens, positions, cache, attention="causal", block_size=None,
                        rows=None, exclude: int | None = None, exact_confidence: bool = True
@@ -95,81 +103,66 @@ class Model:
         """Like forward() but returns, per row, the argmax token and its softmax probability
         (token `exclude` left out); the LM-head kernels fuse this and never build the logits.
 
-        With the exact head and exact_confidence False (greedy decoding, which only needs the
-        argmax), the int8 head screens the vocabulary and only rows that can win are computed
-        exactly: the same argmax, provably (lm_head.screen_exact_f16); the confidence then
-        mixes those rows' exact logits with the others' int8 ones."""
-        h = self.forward_hidden(tokens, positions, cache, attention, block_size, rows)
-        n = h.shape[0]
-        tok, conf = np.empty(n, np.int64), np.empty(n, np.float32)
-        if n == 0:
-            return tok, conf
-        skip = -1 if exclude is None else exclude
-        if (not exact_confidence and self.lm_head == "exact" and self.head8 is not None
-                and np.isfinite(h).all()):
-            self._screened_argmax(tok, conf, h, skip)
-            return tok, conf
-        part = self._head(h, np.empty((0, 0), np.float32), skip)
-        if part is None:  # no kernel for this embedding type: full logits, then argmax
-            logits = self.project(h)
-            if exclude is not None:
-                logits[:, exclude] = -np.inf
-            ops.argmax_confidence(tok, conf, logits)
-        else:
-            combine_partials(tok, conf, part)
-        return tok, conf
-
-    def project(self, h: np.ndarray) -> np.ndarray:
-        """Logits [M, n_vocab] of final-normed hidden states h[M, n_embd]."""
-        out = np.empty((h.shape[0], self.weights.output.n_rows), np.float32)
-        if self._head(h, out, -1) is None:
-            self.weights.output.project(out, h)
-        return out
-
-    def _screened_argmax(self, tok: np.ndarray, conf: np.ndarray, h: np.ndarray,
-                         exclude: int) -> None:
-        """The exact head's argmax through the int8 screen (see forward_argmax)."""
-        m, hd, emb = h.shape[0], self.head8, self.weights.output
-        approx = getattr(self._scratch, "approx", None)
-        if approx is None or approx.shape[0] < m:  # reused while big enough: no fresh pages
-            approx = self._scratch.approx = np.empty((m, emb.n_rows), np.float32)
-        exact_argmax_screened(tok, conf, h, self._e16, hd.e8, hd.e_inv, hd.e_sum, hd.err_h, hd.norm8,
-                              TILE_PATH[self.kernel], approx[:m], exclude)
-
-    def _head(self, h: np.ndarray, logits: np.ndarray, exclude: int) -> np.ndarray | None:
-        """Run an LM-head kernel into logits, or (logits of width 0) into fused partials
-        (returned); None when no kernel fits (exact head over a non-F16 embedding)."""
-        m = h.shape[0]
-        emb = self.weights.output
-        part = np.empty((-(-emb.n_rows // LM_ROWS), m, 3), np.float64)
-        if self.lm_head == "int8":
-            hd = self.head8
-            u, xs = quantize_head_input(h, hd.e8)
-            lm_head_int8_run(TILE_PATH[self.kernel], logits, part, u, xs, hd.e8, hd.e_inv,
-                             hd.e_sum, exclude)
-            return part
-        if self._e16 is not None:
-            lm_head_exact_f16(logits, part, h, self._e16, exclude)
-            return part
-        return None
+        With the exact head over an F16 embedding and exact_confidence False (greedy decoding,
+        which only needs the argmax), the int8 head screens the vocabulary and only rows that
+        can win are computed exactly: the same argmax, provably (lm_head.screen_exact_f16); the
+        confidence then mixes those rows' exact logits with the others' int8 ones."""
+        out = Output.ARGMAX_EXACT if exact_confidence else Output.ARGMAX
+        return self.forward_batch([Segment(tokens, cache, positions,
+                                           AttentionMask.parse(attention, block_size), rows,
+                                           out, exclude)])[0]
 
     def forward_hidden(self, tokens, positions, cache, attention="causal", block_size=None,
                        rows=None) -> np.ndarray:
         """Like forward() but returns the final-normed hidden states [R, n_embd] of `rows`."""
-        s, w = self.spec, self.weights
-        ids = self._check_tokens(tokens)
+        return self.forward_batch([Segment(tokens, cache, positions,
+                                           AttentionMask.parse(attention, block_size), rows,
+                                           Output.HIDDEN)])[0]
+
+    def project(self, h: np.ndarray) -> np.ndarray:
+        """Logits [M, n_vocab] of final-normed hidden states h[M, n_embd]."""
+        return self.head.logits(np.ascontiguousarray(h, dtype=np.float32))
+
+    # -- the batched pass ---------------------------------------------------------------------
+    def forward_batch(self, segments: Sequence[Segment]) -> list:
+        """One forward pass over every segment (see the module docstring); per segment, in
+        order: its HIDDEN states, LOGITS, or (tokens, confidences) for the ARGMAX outputs."""
+        if not segments:
+            return []
+        plan = [self._prepare(seg) for seg in segments]
+        with self._lock:
+            h = self._layers(segments, plan)
+            return self._outputs(segments, plan, h)
+
+    def _prepare(self, seg: Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Validated (ids, positions, wanted rows) of one segment."""
+        ids = self._check_tokens(seg.tokens)
         m = len(ids)
-        pos = (np.arange(cache.length, cache.length + m, dtype=np.int32) if positions is None
-               else np.asarray(positions, dtype=np.int32))
+        c = seg.cache
+        pos = (np.arange(c.length, c.length + m, dtype=np.int32) if seg.positions is None
+               else np.asarray(seg.positions, dtype=np.int32))
         if pos.shape != (m,):
             raise ValueError(f"positions has shape {pos.shape}, expected ({m},)")
-        block = self._block_arg(attention, block_size)
-        numba.set_num_threads(self.threads)
+        if not isinstance(seg.mask, AttentionMask):
+            raise TypeError(f"Segment.mask must be an AttentionMask, got {seg.mask!r}")
+        return ids, pos, seg.row_indices(m)
 
-        cache.reserve(m)
-        first = cache.length
-        cache.pos[first:first + m] = pos
-        n_keys = first + m
+    def _layers(self, segments: Sequence[Segment], plan) -> np.ndarray:
+        """Run all segments' rows through every layer; return the final-normed hidden states of
+        the wanted rows, segment after segment."""
+        s, w = self.spec, self.weights
+        numba.set_num_threads(self.threads)
+        ids = np.concatenate([p[0] for p in plan])
+        pos = np.concatenate([p[1] for p in plan])
+        m = len(ids)
+        bounds = np.cumsum([0] + [len(p[0]) for p in plan])
+        # each segment's slots in its cache: [first, first + its rows)
+        firsts = []
+        for seg, (sid, spos, _) in zip(segments, plan):
+            seg.cache.reserve(len(sid))
+            first = seg.cache.length
+            seg.cache.pos[first:first + len(sid)] = spos
+            firsts.append(first)
         cos, sin = ops.rope_tables(pos, s.n_rot, s.rope_base)
         scale = np.float32(1.0 / np.sqrt(s.head_dim))
         e, ekv, hd = s.n_embd, s.n_embd_kv, s.head_dim
@@ -191,6 +184,16 @@ class Model:
         def linear(out, q, wt):
             ternary_matmul(out, q, qsum, xs, wt.packed, wt.scales, wt.group, self.kernel)
 
+        def attend(li, q, k, v):
+            # per segment: its K/V into its cache, its queries against its cache
+            for i, seg in enumerate(segments):
+                a, b, c = bounds[i], bounds[i + 1], seg.cache
+                first, n_keys = firsts[i], firsts[i] + b - a
+                c.k[li, :, first:n_keys] = k[a:b].transpose(1, 0, 2)
+                c.v[li, :, first:n_keys] = v[a:b].transpose(1, 0, 2)
+                attn_k.attention(att[a:b], q[a:b], c.k[li], c.v[li], c.pos, n_keys, pos[a:b],
+                                 seg.mask.block_size, scale)
+
         # Each BitLinear input is normed and quantized to int8 by one fused kernel
         # (ops.rmsnorm_quantize: [x += residual], rmsnorm, absmax int8 per row).
         for li, L in enumerate(w.layers):
@@ -202,9 +205,8 @@ class Model:
             k = np.ascontiguousarray(qkv[:, e:e + ekv].reshape(m, s.n_head_kv, hd))
             ops.rope_neox(q, cos, sin)
             ops.rope_neox(k, cos, sin)
-            cache.k[li, :, first:n_keys] = k.transpose(1, 0, 2)
-            cache.v[li, :, first:n_keys] = qkv[:, e + ekv:].reshape(m, s.n_head_kv, hd).transpose(1, 0, 2)
-            attn_k.attention(att, q, cache.k[li], cache.v[li], cache.pos, n_keys, pos, block, scale)
+            attend(li, q, k, qkv[:, e + ekv:].reshape(m, s.n_head_kv, hd))
+            self._check_finite(att, li, "attention")
             ops.rmsnorm_quantize(q_e, xs, qsum, att.reshape(m, e), no_res, L.attn_sub_norm,
                                  s.rms_eps)
             linear(proj, q_e, L.o)
@@ -214,14 +216,52 @@ class Model:
             linear(gu, q_e, L.gate_up)
             ops.act_rmsnorm_quantize(q_f, xs, qsum, gu, s.n_ff, L.ffn_sub_norm, s.rms_eps, silu)
             linear(proj, q_f, L.down)
+            self._check_finite(proj, li, "feed-forward")
             res = proj
         ops.add_inplace(x, res)
-        cache.length = n_keys
+        for i, seg in enumerate(segments):
+            seg.cache.length = firsts[i] + bounds[i + 1] - bounds[i]
 
-        sel = x if rows is None else np.ascontiguousarray(x[rows])
-        out = np.empty_like(sel)
-        ops.rmsnorm(out, sel, w.output_norm, s.rms_eps)
+        sel = np.concatenate([bounds[i] + p[2] for i, p in enumerate(plan)])
+        h = np.ascontiguousarray(x[sel])
+        out = np.empty_like(h)
+        ops.rmsnorm(out, h, w.output_norm, s.rms_eps)
         return out
+
+    def _check_finite(self, a: np.ndarray, layer: int, where: str) -> None:
+        # inf/NaN would quantize to arbitrary int8 and decode to wrong tokens: stop instead
+        if not np.isfinite(a).all():
+            raise ModelFormatError(
+                f"{self.path}: layer {layer}'s {where} produced non-finite values (inf/NaN): "
+                "the model's weights overflow float32 on this input")
+
+    def _outputs(self, segments: Sequence[Segment], plan, h: np.ndarray) -> list:
+        """Each segment's output from the hidden states of its wanted rows; the LM head runs
+        once per kind of output (and excluded token) over the rows of every segment asking."""
+        counts = [len(p[2]) for p in plan]
+        starts = np.cumsum([0] + counts)
+        results: list = [None] * len(segments)
+        groups: dict[tuple, list[int]] = {}
+        for i, seg in enumerate(segments):
+            if seg.output is Output.HIDDEN:
+                results[i] = h[starts[i]:starts[i + 1]]
+            else:
+                key = (seg.output, seg.exclude if seg.output is not Output.LOGITS else None)
+                groups.setdefault(key, []).append(i)
+        for (kind, exclude), members in groups.items():
+            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+            hg = np.ascontiguousarray(h[rows])
+            if kind is Output.LOGITS:
+                res = self.head.logits(hg)
+            else:
+                res = self.head.argmax(hg, exclude, kind is Output.ARGMAX_EXACT)
+            at = 0
+            for i in members:
+                n = counts[i]
+                results[i] = (res[at:at + n] if kind is Output.LOGITS
+                              else (res[0][at:at + n], res[1][at:at + n]))
+                at += n
+        return results
 
     def logits(self, token_ids: Sequence[int], attention: str = "causal",
                block_size: int | None = None) -> np.ndarray:
@@ -238,16 +278,6 @@ class Model:
         if bad.size:
             raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{n - 1})")
         return ids
-
-    @staticmethod
-    def _block_arg(attention: str, block_size: int | None) -> int:
-        if attention == "causal":
-            return attn_k.CAUSAL
-        if attention == "block":
-            if block_size is None or int(block_size) < 1:
-                raise ValueError(f"attention 'block' needs a positive block_size, got {block_size}")
-            return int(block_size)
-        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
 
 
 def load_model(path: str, threads: int | None = None, progress: bool = False,

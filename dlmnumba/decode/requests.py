@@ -1,0 +1,324 @@
+"""Per-request decoding state machines: `next_pass()` says what to run, `feed()` takes its result.
+
+A request owns everything about one generation: prompt, settings, its KV cache, the tokens
+decided so far, its random generator, its clock and statistics.  Something outside (a plain
+loop in `Generator`, or the batching `Engine`) asks each unfinished request for its next pass
+(a `model.batch.Segment`), runs the passes of many requests in one `Model.forward_batch`, and
+feeds each request its part of the result; `feed` returns the tokens that pass committed.
+
+KV-cache discipline of the diffusion modes (kv_commit 'normal'): before a block is decoded
+the cache holds the K/V of the real tokens of every earlier block, and nothing else.  No extra
+pass does it: the first pass of a block is [real tokens not yet cached, masks of the block],
+which writes the K/V of the block finished before it; after each pass the cache is cut back to
+the block start, dropping the K/V that saw masks.  The last block's tokens stay pending
+(`pending()`), to be written by whatever pass continues the sequence.
+
+kv_commit 'none' replays the seed server's scheduling for like-for-like speed comparisons:
+prefill, one autoregressive token, then per block one pass of [previous token, masks] whose
+mask K/V stay in the cache as stale entries.  Its output quality suffers.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DecodeError
+from ..model.batch import CAUSAL_MASK, AttentionMask, Output, Segment
+from .policies import POLICIES, Policy
+from .strategies import pick_tokens
+
+
+@dataclass
+class RequestStats:
+    """What one request cost."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    forward_passes: int = 0
+    ttft_s: float = 0.0  # time to the first committed token (from the request's creation)
+    latency_s: float = 0.0
+    finish_reason: str = "length"  # length | stop | cancelled | error
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Generated tokens per forward pass."""
+        return self.generated_tokens / max(1, self.forward_passes)
+
+
+class Request:
+    """One generation's state; subclasses are the decoding loops as state machines."""
+
+    def __init__(self, model, prompt: list[int], settings, mask_id: int | None,
+                 eog: frozenset[int], cache=None):
+        self.t0 = time.perf_counter()
+        self.prompt = [int(t) for t in prompt]
+        if not self.prompt:
+            raise DecodeError("the prompt is empty (and the model adds no BOS token)")
+        n_vocab = model.spec.n_vocab
+        bad = [t for t in self.prompt if not 0 <= t < n_vocab]
+        if bad:
+            raise DecodeError(f"prompt token id {bad[0]} is outside the vocabulary "
+                              f"(0..{n_vocab - 1})")
+        self.settings = s = settings
+        n_ctx = model.n_ctx
+        if len(self.prompt) + s.max_tokens > n_ctx:
+            raise DecodeError(
+                f"the prompt ({len(self.prompt)} tokens) plus max_tokens ({s.max_tokens}) is "
+                f"{len(self.prompt) + s.max_tokens} tokens, beyond the model's context length "
+                f"({n_ctx})")
+        self.mask_id, self.eog, self.shift = mask_id, eog, model.spec.shift_logits
+        self.cache = cache if cache is not None else model.new_cache(
+            len(self.prompt) + s.max_tokens + 2 * s.block_size + 1)
+        self.rng = np.random.default_rng(s.sampling.seed)
+        self.out: list[int] = []  # tokens committed so far
+        self.stats = RequestStats(prompt_tokens=len(self.prompt))
+        self.finished = False
+        self.error: Exception | None = None
+        self._pass: Segment | None = None  # the pass handed out and not fed yet
+
+    # -- the protocol ------------------------------------------------------------------------
+    def next_pass(self) -> Segment | None:
+        """The pass this request needs now (the same one until it is fed), or None when done."""
+        if self.finished:
+            return None
+        if self._pass is None:
+            self._pass = self._plan()
+        return self._pass
+
+    def feed(self, result) -> list[int]:
+        """Take the result of the pass from next_pass() (logits, or (tokens, confidences) for
+        the argmax outputs); return the tokens it commits, in order."""
+        seg, self._pass = self._pass, None
+        if seg is None:
+            raise RuntimeError("feed() without a pass from next_pass()")
+        self.stats.forward_passes += 1
+        if seg.output is Output.LOGITS:
+            logits = result
+            if self.mask_id is not None:  # committing a mask token would be meaningless
+                logits[:, self.mask_id] = -np.inf
+            tok, conf = pick_tokens(logits, self.settings.sampling, self.rng)
+        else:
+            tok, conf = result
+        return self._take(tok, conf)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop here: no further passes."""
+        if not self.finished:
+            self._finish(reason)
+
+    def fail(self, error: Exception) -> None:
+        """Stop with an error (the engine reports it to whoever waits on the request)."""
+        self.error = error
+        self.cancel("error")
+
+    def pending(self) -> list[int]:
+        """Trailing tokens of prompt + output whose K/V are not in the cache."""
+        return (self.prompt + self.out)[self.cache.length:]
+
+    # -- for the subclasses --------------------------------------------------------------------
+    def _plan(self) -> Segment:
+        raise NotImplementedError
+
+    def _take(self, tok: np.ndarray, conf: np.ndarray) -> list[int]:
+        raise NotImplementedError
+
+    def _output(self, exact_confidence: bool) -> Output:
+        if self.settings.sampling.temperature > 0.0:
+            return Output.LOGITS
+        return Output.ARGMAX_EXACT if exact_confidence else Output.ARGMAX
+
+    def _segment(self, tokens: list[int], pos0: int, mask: AttentionMask, rows,
+                 exact_confidence: bool = False) -> Segment:
+        return Segment(tokens, self.cache, np.arange(pos0, pos0 + len(tokens), dtype=np.int32),
+                       mask, rows, self._output(exact_confidence), self.mask_id)
+
+    def _emit(self, new: list[int]) -> list[int]:
+        """Commit decided tokens: exact max_tokens cap, cut after an end-of-generation token."""
+        new = new[: self.settings.max_tokens - len(self.out)]
+        stop = next((i for i, t in enumerate(new) if t in self.eog), None)
+        if stop is not None:
+            new = new[: stop + 1]
+        if new and not self.out:
+            self.stats.ttft_s = time.perf_counter() - self.t0
+        self.out += new
+        if stop is not None:
+            self._finish("stop")
+        elif len(self.out) >= self.settings.max_tokens:
+            self._finish("length")
+        return new
+
+    def _finish(self, reason: str) -> None:
+        self.finished = True
+        self._pass = None
+        self.stats.finish_reason = reason
+        self.stats.generated_tokens = len(self.out)
+        self.stats.latency_s = time.perf_counter() - self.t0
+
+
+class ARRequest(Request):
+    """One token per pass, causal attention: prompt first, then each new token."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._feed = list(self.prompt)  # tokens of the next pass
+        self._pos = 0
+
+    def _plan(self):
+        return self._segment(self._feed, self._pos, CAUSAL_MASK, [len(self._feed) - 1])
+
+    def _take(self, tok, conf):
+        t = int(tok[0])
+        self._pos += len(self._feed)
+        self._feed = [t]
+        return self._emit([t])
+
+
+class SeedReplayRequest(Request):
+    """The seed's scheduling: prefill, one AR token, then per block one pass of
+    [prev @ p-1, masks @ p..p+B-1] with p = len(prompt) at first.  The pass overwrites the
+    cache slot at p-1 (at first the last prompt token's, later the previous block's last
+    mask) and leaves every other mask's stale K/V in place."""
+
+    def __init__(self, model, prompt, settings, mask_id, eog, cache=None):
+        super().__init__(model, prompt, settings, mask_id, eog, cache)
+        self.mask = ATTENTIONS[settings.attention](settings.block_size)
+        self._prev: int | None = None
+        self._p = len(self.prompt)
+
+    def _plan(self):
+        if self._prev is None:
+            return self._segment(self.prompt, 0, self.mask, [len(self.prompt) - 1])
+        b = self.settings.block_size
+        self.cache.truncate(self._p - 1)
+        return self._segment([self._prev] + [self.mask_id] * b, self._p - 1, self.mask,
+                             list(range(b)))
+
+    def _take(self, tok, conf):
+        new = [int(t) for t in tok]
+        if self._prev is not None:
+            self._p += self.settings.block_size
+        self._prev = new[-1]
+        return self._emit(new)
+
+    def pending(self):
+        return []  # the stale cache is never continued
+
+
+@dataclass
+class _Block:
+    """The block being decoded: positions pos.. up to end, aligned at start."""
+
+    pos: int
+    start: int
+    tokens: np.ndarray  # current content: decided tokens and masks
+    masked: np.ndarray  # still to decide
+    best_tok: np.ndarray  # most confident prediction seen per position
+    best_conf: np.ndarray
+    first: bool = True  # the next pass is the block's first (it also writes the K/V before it)
+    passes: int = 0
+    step: int = 0  # refinement step within the active sub-block
+    active_sub: int = -1
+    saved: tuple | None = None  # pick of the row before the block start (fixed once computed)
+    pos0: int = 0  # of the pass in flight: its first position
+    idx: np.ndarray | None = None  # ... the masked block indices it decides
+    in_pass: np.ndarray | None = None  # ... and which of them have their row in the pass
+
+
+class DiffusionRequest(Request):
+    """Fast-dLLM v2 block decoding with a clean prefix cache, positions committed by a policy
+    (see the module docstring)."""
+
+    def __init__(self, model, prompt, settings, mask_id, eog, cache=None):
+        super().__init__(model, prompt, settings, mask_id, eog, cache)
+        if mask_id is None:
+            raise DecodeError(
+                f"{model.path}: the model declares no mask token, so mode "
+                f"'{settings.mode}' cannot run; pass --mask-token-id ID or use --mode ar")
+        self.policy: Policy = POLICIES[settings.mode]
+        self.mask = ATTENTIONS[settings.attention](settings.block_size)
+        self.tokens = list(self.prompt)  # prompt + every finished block
+        self.block: _Block | None = None
+
+    def _new_block(self) -> _Block:
+        s = self.settings
+        pos = len(self.tokens)
+        start = pos // s.block_size * s.block_size
+        n = start + s.block_size - pos
+        need = min(n, s.max_tokens - (pos - len(self.prompt)))
+        masked = np.ones(n, bool)
+        masked[need:] = False  # beyond max_tokens: never committed, still masks in the pass
+        return _Block(pos, start, np.full(n, self.mask_id, np.int64), masked,
+                      np.zeros(n, np.int64), np.full(n, -1.0, np.float32))
+
+    def _plan(self):
+        if self.block is None:
+            self.block = self._new_block()
+        b = self.block
+        b.pos0 = pos0 = self.cache.length if b.first else b.start
+        seq = self.tokens[pos0:b.pos] + b.tokens.tolist()
+        b.idx = np.flatnonzero(b.masked)
+        row_pos = b.pos + b.idx - (1 if self.shift else 0)  # the logit row predicting each
+        b.in_pass = row_pos >= pos0
+        return self._segment(seq, pos0, self.mask, (row_pos[b.in_pass] - pos0).tolist(),
+                             self.policy.needs_confidence)
+
+    def _take(self, tok, conf):
+        b, s = self.block, self.settings
+        self.cache.truncate(b.start)  # K/V from the block start on saw masks: drop them
+        if not b.in_pass.all():  # only the row before the block start can precede the pass
+            tok, conf = np.concatenate([b.saved[0], tok]), np.concatenate([b.saved[1], conf])
+        elif b.first and self.shift and b.pos == b.start and b.pos0 < b.start:
+            b.saved = (tok[:1].copy(), conf[:1].copy())
+        b.first = False
+        b.passes += 1
+        idx = b.idx
+        better = conf > b.best_conf[idx]
+        b.best_tok[idx[better]], b.best_conf[idx[better]] = tok[better], conf[better]
+        # refine the first sub-block (aligned at absolute positions) that still has masks
+        sub_of = (b.pos + idx - b.start) // self.policy.sub_block(s)
+        cur = sub_of == sub_of.min()
+        if sub_of.min() != b.active_sub:
+            b.active_sub, b.step = int(sub_of.min()), 0
+        chosen = self.policy.commit(conf[cur], b.step, s)
+        commit = idx[cur][chosen]
+        b.tokens[commit] = tok[cur][chosen]
+        b.masked[commit] = False
+        b.step += 1
+        done = not b.masked.any()
+        if not done and self._stopped(b):
+            done = True  # the output ends at a committed stop token: later positions unused
+        cap = self.policy.max_passes(s)
+        if not done and cap is not None and b.passes >= cap:
+            b.tokens[b.masked] = b.best_tok[b.masked]  # cap reached: best earlier prediction
+            b.masked[:] = False
+            done = True
+        if not done:
+            return []
+        new = [int(t) for t in b.tokens]
+        self.tokens += new
+        self.block = None
+        return self._emit(new)
+
+    def _stopped(self, b: _Block) -> bool:
+        """Whether a committed end-of-generation token has every position before it decided."""
+        for i in range(b.tokens.shape[0]):
+            if b.masked[i]:
+                return False
+            if int(b.tokens[i]) in self.eog:
+                return True
+        return False
+
+
+# attention setting -> the mask of a block size
+ATTENTIONS = {"block": AttentionMask.block, "causal": lambda block_size: CAUSAL_MASK}
+# kv_commit setting -> the request class of the diffusion modes
+KV_COMMITS = {"normal": DiffusionRequest, "none": SeedReplayRequest}
+AR_MODE = "ar"  # the one mode that is not a diffusion policy
+MODES = (*POLICIES, AR_MODE)
+
+
+def request_class(settings) -> type[Request]:
+    """The state machine that decodes with these settings."""
+    return ARRequest if settings.mode == AR_MODE else KV_COMMITS[settings.kv_commit]

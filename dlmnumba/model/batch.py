@@ -1,0 +1,93 @@
+"""What one forward pass over many sequences is made of: attention masks, segments, outputs.
+
+A `Segment` is one sequence's share of a batched pass (its tokens, their absolute positions,
+its own KV cache, its attention mask, the rows whose output it wants, and which output);
+`Model.forward_batch` runs every segment's rows through each layer together and returns one
+result per segment, bit-identical to running that segment alone.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..kernels.attention import CAUSAL
+from .kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class AttentionMask:
+    """Which keys a query sees: causal (block_size 0), or bidirectional inside blocks of
+    `block_size` aligned at absolute positions and causal across them (Fast-dLLM v2)."""
+
+    block_size: int = CAUSAL
+
+    def __post_init__(self):
+        if int(self.block_size) < 0:
+            raise ValueError(f"attention block_size must be >= 1 (or 0 for causal), "
+                             f"got {self.block_size}")
+
+    @classmethod
+    def block(cls, size: int) -> "AttentionMask":
+        """The block mask of `size` tokens."""
+        if size is None or int(size) < 1:
+            raise ValueError(f"attention 'block' needs a positive block_size, got {size}")
+        return cls(int(size))
+
+    @property
+    def is_causal(self) -> bool:
+        """True for plain causal attention."""
+        return self.block_size == CAUSAL
+
+    @classmethod
+    def parse(cls, attention: "str | AttentionMask", block_size: int | None = None
+              ) -> "AttentionMask":
+        """A mask from the API's (name, block size) form, or a mask passed through."""
+        if isinstance(attention, AttentionMask):
+            return attention
+        if attention == "causal":
+            return CAUSAL_MASK
+        if attention == "block":
+            return cls.block(block_size)
+        raise ValueError(f"attention must be 'causal' or 'block', got {attention!r}")
+
+    def __str__(self) -> str:
+        return "causal" if self.is_causal else f"block {self.block_size}"
+
+
+CAUSAL_MASK = AttentionMask(CAUSAL)
+
+
+class Output(enum.Enum):
+    """What a segment wants for its selected rows."""
+
+    HIDDEN = "hidden"  # final-normed hidden states [R, n_embd]
+    LOGITS = "logits"  # float32 logits [R, n_vocab]
+    ARGMAX = "argmax"  # (token, softmax probability) per row; the exact head may screen
+    ARGMAX_EXACT = "argmax_exact"  # the same with the confidence from the full exact head
+
+
+@dataclass
+class Segment:
+    """One sequence's pass: tokens at positions (default: cache.length..) against its cache."""
+
+    tokens: Sequence[int]
+    cache: KVCache
+    positions: Sequence[int] | None = None
+    mask: AttentionMask = CAUSAL_MASK
+    rows: Sequence[int] | slice | None = None  # rows wanted (indices into tokens); None = all
+    output: Output = Output.LOGITS
+    exclude: int | None = None  # token never picked by ARGMAX outputs (the mask token)
+
+    def row_indices(self, m: int) -> np.ndarray:
+        """The wanted rows as indices into this segment's m tokens."""
+        if self.rows is None:
+            return np.arange(m)
+        if isinstance(self.rows, slice):
+            return np.arange(m)[self.rows]
+        idx = np.asarray(self.rows, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -m or idx.max() >= m):
+            raise ValueError(f"rows {idx.tolist()} outside a pass of {m} tokens")
+        return np.where(idx < 0, idx + m, idx)
