@@ -24,15 +24,18 @@ class StepReport:
     finished: list[Request] = field(default_factory=list)  # done, cancelled or failed
     rows: int = 0  # tokens forwarded in the step's pass (all sequences)
     sequences: int = 0  # sequences in the pass
+    prefix_hit_tokens: int = 0  # prompt tokens of admitted requests taken from the prefix cache
 
 
 class Engine:
     """Steps the passes of many requests through one model together."""
 
-    def __init__(self, model, max_running: int = 16, max_waiting: int | None = None):
+    def __init__(self, model, max_running: int = 16, max_waiting: int | None = None,
+                 prefix_cache=None):
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
         self.model = model
+        self.prefix_cache = prefix_cache  # a PrefixCache, or None
         self.max_running = max_running
         self.max_waiting = max_waiting  # None = unbounded
         self._waiting: deque[Request] = deque()
@@ -85,8 +88,13 @@ class Engine:
                     r.cancel()
                     rep.finished.append(r)
             self._running = [r for r in self._running if not r.finished]  # free their slots
+            admitted = []
             while self._waiting and len(self._running) < self.max_running:
-                self._running.append(self._waiting.popleft())
+                admitted.append(self._waiting.popleft())
+                self._running.append(admitted[-1])
+        if self.prefix_cache is not None:
+            for r in admitted:
+                rep.prefix_hit_tokens += self.prefix_cache.attach(r)
         batch, segs = [], []
         for r in self._running:
             try:
@@ -117,6 +125,8 @@ class Engine:
         still = []
         for r in self._running:
             (rep.finished if r.finished else still).append(r)
+            if r.finished and r.error is None and self.prefix_cache is not None:
+                self.prefix_cache.insert(r)
         self._running = still  # finished requests leave; their slots take others next step
         return rep
 

@@ -75,6 +75,7 @@ class Request:
         self.out: list[int] = []  # tokens committed so far
         self.stats = RequestStats(prompt_tokens=len(self.prompt))
         self.finished = False
+        self.started = False  # a pass was planned: the cache is the request's own from here
         self.error: Exception | None = None
         self._pass: Segment | None = None  # the pass handed out and not fed yet
 
@@ -85,6 +86,7 @@ class Request:
             return None
         if self._pass is None:
             self._pass = self._plan()
+            self.started = True
         return self._pass
 
     def feed(self, result) -> list[int]:
@@ -116,6 +118,11 @@ class Request:
     def pending(self) -> list[int]:
         """Trailing tokens of prompt + output whose K/V are not in the cache."""
         return (self.prompt + self.out)[self.cache.length:]
+
+    # K/V in this request's cache hold exactly the real tokens before cache.length (computed
+    # under self.mask), so a prefix cache may store them and seed other requests with them
+    reusable_kv = True
+    mask: AttentionMask
 
     # -- for the subclasses --------------------------------------------------------------------
     def _plan(self) -> Segment:
@@ -158,14 +165,20 @@ class Request:
 
 
 class ARRequest(Request):
-    """One token per pass, causal attention: prompt first, then each new token."""
+    """One token per pass, causal attention: the prompt (what the cache lacks of it) first,
+    then each new token."""
+
+    mask = CAUSAL_MASK
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self._feed = list(self.prompt)  # tokens of the next pass
+        self._feed: list[int] | None = None  # tokens of the next pass (None: the prompt's)
         self._pos = 0
 
     def _plan(self):
+        if self._feed is None:  # the cache may hold a prefix of the prompt (prefix cache)
+            self._pos = self.cache.length
+            self._feed = self.prompt[self._pos:]
         return self._segment(self._feed, self._pos, CAUSAL_MASK, [len(self._feed) - 1])
 
     def _take(self, tok, conf):
@@ -204,6 +217,8 @@ class SeedReplayRequest(Request):
 
     def pending(self):
         return []  # the stale cache is never continued
+
+    reusable_kv = False  # stale mask K/V and an overwritten prompt slot
 
 
 @dataclass
