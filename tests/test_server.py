@@ -1,0 +1,255 @@
+"""The OpenAI-compatible server on a free loopback port, driven by the official `openai` client
+and by raw HTTP: outputs equal the library's one-at-a-time decoding; concurrency; bad
+requests; disconnects; API key; prefix cache."""
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+import dlmnumba
+from dlmnumba import DecodeSettings, Generator
+from dlmnumba.chat import render_chat
+from dlmnumba.server.app import ServerOptions, ServerState, create_app
+from dlmnumba.server.run import ThreadedServer
+
+openai = pytest.importorskip("openai")
+TOY = str(Path(dlmnumba.__file__).parent / "data" / "toy-dlm.gguf")
+TIMEOUT = 120
+
+
+def _server(model_path, settings=DecodeSettings(block_size=16), **opts):
+    state = ServerState(ServerOptions(model_name="toy", **opts), settings)
+    app = create_app(state, load=lambda: dlmnumba.load_model(model_path))
+    srv = ThreadedServer(app).start()
+    t0 = time.monotonic()
+    while httpx.get(srv.url + "/health").status_code != 200:
+        assert time.monotonic() - t0 < TIMEOUT, "model did not load"
+        time.sleep(0.05)
+    return srv
+
+
+@pytest.fixture(scope="module")
+def toy_server():
+    srv = _server(TOY, prefix_cache_tokens=4096)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return dlmnumba.load_model(TOY)
+
+
+def _client(srv, key="x"):
+    return openai.OpenAI(base_url=srv.url + "/v1", api_key=key, timeout=TIMEOUT, max_retries=0)
+
+
+def _want(model, text, chat=True, **kw):
+    gen = Generator(model, DecodeSettings(**{"block_size": 16, **kw}))
+    if chat:
+        text = render_chat(model.file.metadata, [{"role": "user", "content": text}])
+    return gen.generate(model.tokenizer.encode(text))
+
+
+def _metric(srv, name):
+    for line in httpx.get(srv.url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "ar", "iterative"])
+def test_chat_equals_library_output(toy_server, toy, mode):
+    c = _client(toy_server)
+    want = _want(toy, "What is 12+35?", mode=mode, max_tokens=24)
+    r = c.chat.completions.create(model="toy", messages=[{"role": "user",
+                                                          "content": "What is 12+35?"}],
+                                  max_tokens=24, extra_body={"mode": mode})
+    assert r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == want.stats.finish_reason
+    assert r.usage.completion_tokens == len(want.tokens)
+    assert r.usage.prompt_tokens == want.stats.prompt_tokens
+    # streamed: the same text, chunk by chunk, then usage
+    parts, finish, use = [], None, None
+    for ch in c.chat.completions.create(model="toy", messages=[{"role": "user",
+                                                                "content": "What is 12+35?"}],
+                                        max_tokens=24, stream=True,
+                                        stream_options={"include_usage": True},
+                                        extra_body={"mode": mode}):
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+            finish = ch.choices[0].finish_reason or finish
+        if ch.usage:
+            use = ch.usage
+    assert "".join(parts) == want.text and finish == want.stats.finish_reason
+    assert use.completion_tokens == len(want.tokens)
+
+
+def test_completions_text_and_token_ids(toy_server, toy):
+    c = _client(toy_server)
+    want = _want(toy, "Copy: abc", chat=False, max_tokens=12)
+    r = c.completions.create(model="toy", prompt="Copy: abc", max_tokens=12)
+    assert r.choices[0].text == want.text
+    ids = toy.tokenizer.encode("Copy: abc")
+    r2 = c.completions.create(model="toy", prompt=ids, max_tokens=12)
+    assert r2.choices[0].text == want.text
+    text = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="toy", prompt="Copy: abc", max_tokens=12, stream=True) if ch.choices)
+    assert text == want.text
+
+
+def test_stop_strings_cut_the_text(toy_server, toy):
+    c = _client(toy_server)
+    full = _want(toy, "Reverse: abcdefgh", max_tokens=24).text
+    assert len(full) > 3
+    stop = full[2:4]
+    r = c.chat.completions.create(model="toy", messages=[{"role": "user",
+                                                          "content": "Reverse: abcdefgh"}],
+                                  max_tokens=24, stop=[stop])
+    assert r.choices[0].message.content == full[:full.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_sixteen_concurrent_streams_each_equal_their_own_output(toy_server, toy):
+    from dlmnumba.tasks import heldout
+    prompts = [e.prompt for t in ("add", "copy", "reverse", "sort") for e in heldout(t, 4)]
+    want = {p: _want(toy, p, max_tokens=32).text for p in prompts}
+    c = _client(toy_server)
+
+    def one(p):
+        return "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model="toy", messages=[{"role": "user", "content": p}], max_tokens=32,
+            stream=True) if ch.choices)
+
+    with ThreadPoolExecutor(16) as ex:
+        got = dict(zip(prompts, ex.map(one, prompts)))
+    assert got == want
+
+
+BAD = [
+    ("not json", b"{not json", "not valid JSON"),
+    ("wrong type", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"},
+     "max_tokens"),
+    ("unknown mode", {"messages": [{"role": "user", "content": "hi"}], "mode": "bogus"}, "mode"),
+    ("max_tokens 0", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+     "max_tokens"),
+    ("max_tokens negative", {"messages": [{"role": "user", "content": "hi"}],
+                             "max_tokens": -3}, "max_tokens"),
+    ("beyond context", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
+     "context length"),
+    ("empty messages", {"messages": []}, "messages"),
+    ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n = 1"),
+    ("tools", {"messages": [{"role": "user", "content": "hi"}],
+               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("unknown field", {"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, "bogus"),
+    ("bad threshold", {"messages": [{"role": "user", "content": "hi"}], "mode": "iterative",
+                       "threshold": 5}, "threshold"),
+    ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+]
+
+
+@pytest.mark.parametrize("name,body,needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_a_4xx_json_error_and_the_server_goes_on(toy_server, name, body,
+                                                                  needle):
+    url = toy_server.url + "/v1/chat/completions"
+    r = (httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+         if isinstance(body, bytes) else httpx.post(url, json=body))
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] or needle == err["param"], err
+    ok = httpx.post(url, json={"messages": [{"role": "user", "content": "What is 1+1?"}],
+                               "max_tokens": 4}, timeout=TIMEOUT)
+    assert ok.status_code == 200
+
+
+def test_oversize_body_is_413(toy_server):
+    r = httpx.post(toy_server.url + "/v1/chat/completions",
+                   json={"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+
+
+def test_models_tokenize_detokenize(toy_server, toy):
+    assert httpx.get(toy_server.url + "/v1/models").json()["data"][0]["id"] == "toy"
+    ids = httpx.post(toy_server.url + "/tokenize", json={"content": "Copy: ab"}).json()["tokens"]
+    assert ids == toy.tokenizer.encode("Copy: ab")
+    text = httpx.post(toy_server.url + "/detokenize", json={"tokens": ids}).json()["content"]
+    assert text == toy.tokenizer.decode(ids)
+    assert httpx.post(toy_server.url + "/detokenize", json={"tokens": [10**7]}).status_code == 400
+
+
+def test_prefix_cache_hits_on_a_resent_conversation_same_output(toy_server, toy):
+    c = _client(toy_server)
+    before = _metric(toy_server, "dlmnumba_prefix_cache_hit_tokens_total")
+    msgs = [{"role": "user", "content": "Copy: abcdefghijklmnop"}]
+    for turn in range(3):
+        r = c.chat.completions.create(model="toy", messages=msgs, max_tokens=30)
+        text = r.choices[0].message.content
+        gen = Generator(toy, DecodeSettings(block_size=16, max_tokens=30))
+        want = gen.generate(toy.tokenizer.encode(render_chat(toy.file.metadata, msgs))).text
+        assert text == want
+        msgs = msgs + [{"role": "assistant", "content": text},
+                       {"role": "user", "content": f"Reverse: {'xyz'[turn]}bcdefgh"}]
+    assert _metric(toy_server, "dlmnumba_prefix_cache_hit_tokens_total") > before
+
+
+def test_api_key(toy):
+    srv = _server(TOY, api_key="sekrit")
+    try:
+        body = {"messages": [{"role": "user", "content": "What is 1+1?"}], "max_tokens": 4}
+        url = srv.url + "/v1/chat/completions"
+        assert httpx.post(url, json=body).status_code == 401
+        assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}
+                          ).status_code == 401
+        assert httpx.get(srv.url + "/metrics").status_code == 401
+        assert httpx.get(srv.url + "/health").status_code == 200
+        r = _client(srv, "sekrit").chat.completions.create(
+            model="toy", messages=body["messages"], max_tokens=4)
+        assert r.choices[0].message.content == _want(toy, "What is 1+1?", max_tokens=4).text
+    finally:
+        srv.stop()
+
+
+def test_disconnect_mid_stream_frees_the_slot(synth_model):
+    """A client that goes away mid-stream is cancelled: running sequences back to 0."""
+    srv = _server(synth_model(), DecodeSettings(mode="ar"))
+    try:
+        body = {"prompt": "hello", "max_tokens": 1500, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body,
+                          timeout=TIMEOUT) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 6:
+                    break  # close the connection mid-stream
+        t0 = time.monotonic()
+        while _metric(srv, "dlmnumba_running_sequences") != 0:
+            assert time.monotonic() - t0 < 30, "the request kept running"
+            time.sleep(0.1)
+        assert _metric(srv, 'dlmnumba_requests_total{outcome="cancelled"}') >= 1
+    finally:
+        srv.stop()
+
+
+def test_shutdown_ends_running_streams(synth_model):
+    srv = _server(synth_model(), DecodeSettings(mode="ar"))
+    got = []
+
+    def client():
+        body = {"prompt": "hello", "max_tokens": 1800, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body,
+                          timeout=TIMEOUT) as r:
+            for line in r.iter_lines():
+                got.append(line)
+
+    t = threading.Thread(target=client)
+    t.start()
+    while len(got) < 4:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    srv.stop()
+    t.join(15)
+    assert not t.is_alive() and time.monotonic() - t0 < 10
+    events = [json.loads(x[6:]) for x in got if x.startswith("data: {")]
+    assert "shutting down" in events[-1]["error"]["message"]
