@@ -54,7 +54,7 @@ def main() -> None:
 
     import dlmnumba
     from dlmnumba import bench as B
-    from dlmnumba.cli import seed_chat
+    from dlmnumba.chat import seed_chat
     from dlmnumba.decode.scheduler import DecodeSettings, Generator
 
     path = args.model or default_model()

@@ -26,7 +26,8 @@ def rss_mib() -> float:
 
 def default_model() -> str:
     """dlmnumba's built-in default model (2B-4T shapes, arch bitnet, TQ2_0), written once."""
-    from dlmnumba.gguf.synth import default_model_path, write_synthetic
+    from dlmnumba.model_source import default_model_path
+    from dlmnumba.synth.models import write_synthetic
 
     path, spec = default_model_path()
     if not path.exists():

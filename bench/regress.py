@@ -26,7 +26,8 @@ sys.path.insert(0, str(HERE))
 
 def small_model() -> str:
     """The `small` preset (arch bitnet-b1.58, TQ2_0) in the user cache, written once."""
-    from dlmnumba.gguf.synth import default_model_path, write_synthetic
+    from dlmnumba.model_source import default_model_path
+    from dlmnumba.synth.models import write_synthetic
 
     path = default_model_path()[0].with_name("regress-small-TQ2_0.gguf")
     if not path.exists():

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import click
 
+from .chat import chat_prompt, prompt_text, seed_chat
 from .errors import DlmError
+from .settings import SETTINGS
+from .synth.models import PRESETS, QTYPES
 from .tasks import TASKS
 
 EXIT_USER_ERROR = 2
@@ -50,9 +53,9 @@ def model() -> None:
 
 @model.command("synth")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "small", "bitnet-2b4t"]), default="tiny",
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="tiny",
               show_default=True, help="Model shapes (bitnet-2b4t = BitNet b1.58 2B-4T's).")
-@click.option("--qtype", type=click.Choice(["TQ1_0", "TQ2_0", "I2_S"]), default="TQ2_0",
+@click.option("--qtype", type=click.Choice(list(QTYPES)), default="TQ2_0",
               show_default=True, help="Ternary storage type of the projection weights.")
 @click.option("--arch", type=click.Choice(["bitnet-b1.58", "bitnet"]), default="bitnet-b1.58",
               show_default=True, help="bitnet-b1.58: relu^2 FFN (bitnet.cpp); bitnet: SiLU (llama.cpp).")
@@ -60,7 +63,7 @@ def model() -> None:
 @user_errors
 def model_synth(out: Path, preset: str, qtype: str, arch: str, seed: int) -> None:
     """Write a synthetic BitNet model with random ternary weights to OUT."""
-    from .gguf.synth import write_synthetic
+    from .synth.models import write_synthetic
 
     write_synthetic(out, preset=preset, qtype=qtype, arch=arch, seed=seed, progress=_progress())
     click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): preset {preset}, {qtype}, "
@@ -131,149 +134,87 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
 
 
 
-# -- settings shared by generate and bench --------------------------------------------------
-# option name -> dotted config key (max_tokens is mapped per command)
-SETTING_KEYS = {
-    "model": "model_path", "threads": "threads", "kernel": "kernel", "lm_head": "lm_head",
-    "mode": "dlm.decode_mode",
-    "block_size": "dlm.block_size", "small_block_size": "dlm.small_block_size",
-    "threshold": "dlm.threshold", "max_iterations_per_block": "dlm.max_iterations_per_block",
-    "mask_token_id": "dlm.mask_token_id", "attention": "dlm.attention",
-    "kv_commit": "dlm.kv_commit", "temperature": "sampling.temperature",
-    "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
-}
+# -- settings shared by generate, bench and eval -------------------------------------------
+# The settings each decoding command takes as options; flag, type, choices and help come from
+# settings.py.  max_tokens is per command (sampling.max_tokens or benchmark.max_tokens).
+DECODE_OPTION_KEYS = (
+    "model_path", "dlm.decode_mode", "dlm.block_size", "dlm.small_block_size", "dlm.threshold",
+    "dlm.max_iterations_per_block", "dlm.mask_token_id", "dlm.attention", "dlm.kv_commit",
+    "threads", "kernel", "lm_head", "sampling.temperature", "sampling.top_k", "sampling.top_p",
+    "sampling.seed",
+)
 
 
-def decode_options(fn):
-    """The options every decoding command takes; all default to None (config decides)."""
-    opts = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                     help="YAML config (see `dlmnumba config generate`)."),
-        click.option("--model", type=click.Path(dir_okay=False),
-                     help="GGUF model (default: $MODEL_PATH, else the built-in model)."),
-        click.option("--mode", type=click.Choice(["greedy", "iterative", "adaptive", "ar"]),
-                     help="greedy: one pass per block; iterative/adaptive: confidence-threshold "
-                          "refinement; ar: one token per pass."),
-        click.option("--block-size", type=int, help="Tokens per diffusion block."),
-        click.option("--small-block-size", type=int, help="Sub-block size (iterative/adaptive)."),
-        click.option("--threshold", type=float, help="Confidence to commit a token, in (0, 1)."),
-        click.option("--max-iterations-per-block", type=int,
-                     help="Refinement passes per block before filling the rest."),
-        click.option("--mask-token-id", type=int, help="Mask token id (default: from the model)."),
-        click.option("--attention", type=click.Choice(["block", "causal"]),
-                     help="block: bidirectional inside blocks (Fast-dLLM v2); causal."),
-        click.option("--kv-commit", type=click.Choice(["normal", "none"]),
-                     help="normal: the cache holds real tokens only. none: the seed's scheduling "
-                          "with stale mask K/V, for speed comparisons; output quality suffers."),
-        click.option("--threads", type=int, help="Threads (default: physical cores)."),
-        click.option("--kernel", type=click.Choice(["auto", "vnni512", "vnni256", "avx2",
-                                                    "portable"]),
-                     help="int8 kernel instruction path (default: the fastest this CPU has)."),
-        click.option("--lm-head", type=click.Choice(["exact", "int8"]),
-                     help="exact: the stored embedding (greedy: through an int8 screen, same "
-                          "tokens); int8: quantized per row."),
-        click.option("--temperature", type=float, help="0 = greedy argmax."),
-        click.option("--top-k", type=int, help="Sample from the k most likely (0 = off)."),
-        click.option("--top-p", type=float, help="Nucleus sampling mass (1 = off)."),
-        click.option("--seed", type=int, help="Sampling seed."),
-        click.option("--max-tokens", type=int, help="Exact cap on generated tokens."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+def setting_option(key: str):
+    """A click option for one setting, defaulting to None (the config decides)."""
+    s = SETTINGS[key]
+    if s.type is bool:
+        return click.option(f"{s.flag}/--no-{s.flag[2:]}", s.param, default=None, help=s.help)
+    kind = click.Choice(s.choices) if s.choices else s.type
+    if key == "model_path":
+        kind = click.Path(dir_okay=False)
+    return click.option(s.flag, s.param, type=kind, default=None, help=s.help)
 
 
-def _load_config(opts: dict, max_tokens_key: str, extra: dict | None = None, model=None):
-    """The effective config; with `model`, its file's recommendations replace the defaults
-    (a `diffusion.block_size` key sets dlm.block_size unless CLI, YAML or env set it)."""
+def decode_options(max_tokens_key: str = "sampling.max_tokens"):
+    """The options every decoding command takes (a decorator); all default to None."""
+    def wrap(fn):
+        opts = [click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                             help="YAML config (see `dlmnumba config generate`)."),
+                *(setting_option(k) for k in (*DECODE_OPTION_KEYS, max_tokens_key))]
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+    return wrap
+
+
+def _cli_values(opts: dict, max_tokens_key: str, extra: dict | None = None) -> dict:
+    """{setting key: value} of the options given (None = not given)."""
+    keys = {SETTINGS[k].param: k for k in (*DECODE_OPTION_KEYS, max_tokens_key)}
+    cli = {keys[p]: v for p, v in opts.items() if p in keys}
+    cli.update(extra or {})
+    return cli
+
+
+def _load_config(opts: dict, max_tokens_key: str, extra: dict | None = None,
+                 recommended: dict | None = None):
+    """The effective config of a command's options (`recommended`: the model file's settings,
+    applied above the defaults and below environment, YAML and command line)."""
     from .config import load_config
 
-    cli = {SETTING_KEYS[k]: v for k, v in opts.items() if k in SETTING_KEYS}
-    cli[max_tokens_key] = opts.get("max_tokens")
-    cli.update(extra or {})
-    return load_config(opts.get("config_path"), cli=cli,
-                       model_defaults=None if model is None else _model_defaults(model))
+    return load_config(opts.get("config_path"), cli=_cli_values(opts, max_tokens_key, extra),
+                       model_defaults=recommended)
 
 
 def _for_model(cfg, model, opts: dict, max_tokens_key: str, extra: dict | None = None):
-    """cfg, re-resolved with the model file's recommendations when it has any."""
-    if not _model_defaults(model):
-        return cfg
-    return _load_config(opts, max_tokens_key, extra, model=model)
+    """cfg, re-resolved with the settings the model file recommends when it has any."""
+    from .model_source import recommended_settings
+
+    rec = recommended_settings(model.file.metadata, model.path)
+    return _load_config(opts, max_tokens_key, extra, rec) if rec else cfg
 
 
-def _model_defaults(model) -> dict:
-    block = model.file.metadata.get("diffusion.block_size")
-    if isinstance(block, int) and not isinstance(block, bool) and block > 0:
-        return {"dlm.block_size": block}
-    return {}
+def _note(text: str) -> None:
+    click.echo(text, err=True)
 
 
 def _open_model(cfg, default: str = "bench"):
-    """Load the configured model, or the built-in default: for `bench` the 2B-4T-shaped synthetic
-    model (written once to the user cache), for `generate` and `eval` the bundled toy model."""
-    from .model.bitnet import load_model
+    """The configured model, or the built-in one of `default` (see model_source)."""
+    from .model_source import open_model
 
-    path = cfg.model_path
-    if path is None and default == "toy":
-        from .gguf.synth import TOY_MODEL
-
-        path = TOY_MODEL
-        click.echo(f"model: bundled {path.name} (a 1.7M-parameter ternary block-diffusion model "
-                   "trained on arithmetic, copy, reverse, sort and lookup tasks; pass --model "
-                   "for a real model)", err=True)
-    elif path is None:
-        from .gguf.synth import default_model_path, write_synthetic
-
-        path, spec = default_model_path()
-        if not path.exists():
-            click.echo(f"writing the built-in default model to {path} (once) ...", err=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_synthetic(path, progress=_progress(), **spec)
-        click.echo(f"model: built-in default {path.name} (BitNet 2B-4T shapes, random weights: "
-                   "its text is noise; pass --model for a real model)", err=True)
-    return load_model(str(path), threads=cfg.threads, progress=_progress(),
-                      kernel=None if cfg.kernel == "auto" else cfg.kernel, lm_head=cfg.lm_head)
+    return open_model(cfg, default, note=_note, progress=_progress())
 
 
 def _generator(model, cfg, max_tokens: int):
-    from .decode.scheduler import DecodeSettings, Generator
-    from .decode.strategies import Sampling
+    from .config import decode_settings
+    from .decode.scheduler import Generator
 
-    d, sm = cfg.dlm, cfg.sampling
-    settings = DecodeSettings(
-        mode=d.decode_mode, block_size=d.block_size, small_block_size=d.small_block_size,
-        threshold=d.threshold, max_iterations_per_block=d.max_iterations_per_block,
-        attention=d.attention, kv_commit=d.kv_commit, mask_token_id=d.mask_token_id,
-        max_tokens=max_tokens,
-        sampling=Sampling(temperature=sm.temperature, top_k=sm.top_k, top_p=sm.top_p, seed=sm.seed))
-    return Generator(model, settings)
-
-
-def seed_chat(prompt: str) -> str:
-    """The seed server's prompt form."""
-    return f"USER: {prompt}<|eot_id|>ASSISTANT:"
-
-
-def _chat(model, prompt: str) -> str:
-    """The model's chat template (jinja2) if it has one, else the seed's form."""
-    template = model.file.metadata.get("tokenizer.chat_template")
-    if not template:
-        return seed_chat(prompt)
-    import jinja2
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    try:
-        return env.from_string(template).render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
-            bos_token="")  # the tokenizer adds BOS itself
-    except jinja2.TemplateError:
-        return seed_chat(prompt)
+    return Generator(model, decode_settings(cfg, max_tokens))
 
 
 @main.command()
 @click.argument("prompt")
-@decode_options
+@decode_options()
 @click.option("--chat/--no-chat", default=None,
               help="Wrap the prompt in the model's chat template (default: when the model "
                    "file has one).")
@@ -284,9 +225,7 @@ def generate(prompt: str, chat: bool | None, **opts) -> None:
     m = _open_model(cfg, default="toy")
     cfg = _for_model(cfg, m, opts, "sampling.max_tokens")
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
-    if chat is None:
-        chat = bool(m.file.metadata.get("tokenizer.chat_template"))
-    ids = m.tokenizer.encode(_chat(m, prompt) if chat else prompt)
+    ids = m.tokenizer.encode(prompt_text(m.file.metadata, prompt, chat))
     dec = m.tokenizer.stream_decoder()
     stream = gen.stream(ids)
     for chunk in stream:
@@ -303,10 +242,10 @@ def generate(prompt: str, chat: bool | None, **opts) -> None:
 
 
 @main.command()
-@decode_options
-@click.option("--iterations", type=int, help="Timed requests (default 50).")
-@click.option("--warmup", type=int, help="Untimed warm-up requests, JIT compile included (default 3).")
-@click.option("--prompt", help="Prompt, wrapped as 'USER: ...<|eot_id|>ASSISTANT:'.")
+@decode_options("benchmark.max_tokens")
+@setting_option("benchmark.iterations")
+@setting_option("benchmark.warmup")
+@setting_option("benchmark.prompt")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write figures + environment as JSON.")
 @user_errors
 def bench(iterations, warmup, prompt, json_path, **opts) -> None:
@@ -339,7 +278,7 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
 
 
 @main.command("eval")
-@decode_options
+@decode_options()
 @click.option("--tasks", default=",".join(TASKS),
               show_default=True, help="Comma-separated held-out tasks.")
 @click.option("-n", "--examples", "n_per_task", type=int, default=50, show_default=True,
@@ -369,7 +308,8 @@ def eval_(tasks, n_per_task, json_path, show_failures, **opts) -> None:
         from tqdm import tqdm
         bar = tqdm(total=len(exs), desc="eval", unit="prompt", leave=False)
     try:
-        results, total = E.run_eval(gen, lambda p: m.tokenizer.encode(_chat(m, p)), exs, bar)
+        encode = lambda p: m.tokenizer.encode(chat_prompt(m.file.metadata, p))  # noqa: E731
+        results, total = E.run_eval(gen, encode, exs, bar)
     finally:
         if bar is not None:
             bar.close()

@@ -1,4 +1,5 @@
-"""Configuration: frozen dataclasses, YAML <-> dataclass, precedence CLI > YAML > env > defaults.
+"""Configuration: frozen dataclasses, YAML <-> dataclass, precedence CLI > YAML > env > model
+file > defaults.  Every key, its type, default, range and help come from settings.py.
 
 Environment variables: ``DLMNUMBA_<KEY>`` with the key's leaf name in upper case sets that key,
 e.g. ``DLMNUMBA_BLOCK_SIZE``, ``DLMNUMBA_THREADS``, ``DLMNUMBA_TEMPERATURE``,
@@ -10,260 +11,75 @@ both are set. An empty variable counts as unset.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import os
 import re
 import textwrap
-import types
-import typing
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import field
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .settings import (DECODE_KEYS, SECTIONS, SETTINGS, SETTINGS_LIST, Setting, check,
+                       check_together, error, from_text, unknown_key)
 
-ENV_PREFIX = "DLMNUMBA_"
 DEFAULTS_SOURCE = "defaults"
 MODEL_SOURCE = "the model file"
 CLI_SOURCE = "command line"
 
-# A range rule: predicate on the (already type-checked) value, and what it demands.
-Check = tuple[Callable[[Any], bool], str]
-POSITIVE: Check = (lambda v: v > 0, "must be a positive integer")
-NON_NEGATIVE: Check = (lambda v: v >= 0, "must be >= 0")
-NULL_OR_POSITIVE: Check = (lambda v: v is None or v >= 1, "must be null or >= 1")
-NULL_OR_NON_NEGATIVE: Check = (lambda v: v is None or v >= 0, "must be null or >= 0")
+
+def _section_class(section: str) -> type:
+    """A frozen dataclass of one section's settings (DlmConfig, ...), fields in table order."""
+    fields = [(s.leaf, s.annotation, field(default=s.default, metadata={"setting": s}))
+              for s in SETTINGS_LIST if s.section == section]
+    name = section.capitalize() + "Config" if section else "Config"
+    cls = dataclasses.make_dataclass(name, fields, frozen=True)
+    cls.__module__, cls.__doc__ = __name__, SECTIONS.get(section, "The whole configuration.")
+    return cls
 
 
-def _f(default: Any, doc: str, check: Check | None = None,
-       choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field whose help text is its comment here and in the generated YAML."""
-    return field(default=default, metadata={"help": doc, "check": check, "choices": choices})
-
-
-def _section(cls: type, doc: str) -> Any:
-    """A nested-section field (default-constructed) with its help text."""
-    return field(default_factory=cls, metadata={"help": doc})
-
-
-@dataclass(frozen=True)
-class DlmConfig:
-    """Diffusion decoding settings."""
-
-    block_size: int = _f(64, "Tokens decoded per diffusion block; must match the model's training.",
-                         POSITIVE)
-    small_block_size: int = _f(8, "Sub-block size for iterative/adaptive unmasking; block_size "
-                                  "must be a multiple of it.", POSITIVE)
-    threshold: float = _f(0.9, "Confidence above which a masked position is committed "
-                               "(iterative/adaptive), in (0, 1).",
-                          (lambda v: 0 < v < 1, "must be in the open interval (0, 1)"))
-    mask_token_id: int | None = _f(None, "Id of the MASK token; null = auto-detect from the "
-                                         "vocabulary.", NULL_OR_NON_NEGATIVE)
-    max_iterations_per_block: int = _f(10, "Most forward passes per block in iterative mode.",
-                                       POSITIVE)
-    decode_mode: str = _f("greedy", "greedy: one pass per block; iterative: unmask above "
-                                    "threshold; adaptive: rising thresholds; ar: one token per "
-                                    "pass.", choices=("greedy", "iterative", "adaptive", "ar"))
-    attention: str = _f("block", "block: bidirectional within a block, causal across blocks; "
-                                 "causal: the seed's causal-only attention.",
-                        choices=("block", "causal"))
-    kv_commit: str = _f("normal", "normal: decoded tokens are written to the KV cache; none: the "
-                                  "seed's stale-mask scheduling (comparison only, lower quality).",
-                        choices=("normal", "none"))
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Token sampling settings."""
-
-    temperature: float = _f(0.0, "Softmax temperature; 0 = greedy argmax.",
-                            (lambda v: v >= 0, "must be >= 0"))
-    top_k: int = _f(0, "Keep only the k most likely tokens; 0 = off.", NON_NEGATIVE)
-    top_p: float = _f(1.0, "Nucleus sampling mass, in (0, 1]; 1 = off.",
-                      (lambda v: 0 < v <= 1, "must be in the interval (0, 1]"))
-    seed: int = _f(0, "Random seed for sampling.", NON_NEGATIVE)
-    max_tokens: int = _f(128, "Default most new tokens per request.", POSITIVE)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Request scheduling and cache settings."""
-
-    max_sequences: int = _f(16, "Most sequences decoded together.", POSITIVE)
-    enable_radix_cache: bool = _f(True, "Reuse the KV cache of shared prompt prefixes.")
-    radix_cache_max_tokens: int = _f(65536, "Most tokens kept in the prefix cache.", POSITIVE)
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    """Built-in benchmark settings (the seed's report)."""
-
-    enabled: bool = _f(False, "Run the benchmark instead of serving.")
-    iterations: int = _f(50, "Measured requests, run one after another.", POSITIVE)
-    warmup: int = _f(3, "Unmeasured warm-up requests before them.", NON_NEGATIVE)
-    max_tokens: int = _f(128, "New tokens per benchmark request.", POSITIVE)
-    prompt: str = _f("What is the meaning of life?", "User prompt of every benchmark request.")
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole effective configuration."""
-
-    model_path: str | None = _f(None, "GGUF model file; null = built-in default model.")
-    host: str = _f("127.0.0.1", "Address the HTTP server listens on (the seed used 0.0.0.0).",
-                   (lambda v: v != "", "must not be empty"))
-    port: int = _f(30000, "HTTP port.", (lambda v: 1 <= v <= 65535, "must be in 1..65535"))
-    threads: int | None = _f(None, "Compute threads; null = physical cores.", NULL_OR_POSITIVE)
-    kernel: str = _f("auto", "int8 kernel instruction path: auto (fastest this CPU has), vnni512, "
-                             "vnni256, avx2 or portable.",
-                     choices=("auto", "vnni512", "vnni256", "avx2", "portable"))
-    lm_head: str = _f("exact", "LM head: exact (the file's embedding as stored) or int8 "
-                               "(quantized per row at load; faster, logits differ slightly).",
-                      choices=("exact", "int8"))
-    dlm: DlmConfig = _section(DlmConfig, "Diffusion decoding.")
-    sampling: SamplingConfig = _section(SamplingConfig, "Sampling.")
-    scheduler: SchedulerConfig = _section(SchedulerConfig, "Scheduler.")
-    benchmark: BenchmarkConfig = _section(BenchmarkConfig, "Benchmark (dlmnumba bench).")
-
-
-@dataclass(frozen=True)
-class _Leaf:
-    """One settable key: its dotted name, base type, whether null is allowed, and its field."""
-
-    key: str
-    type: type
-    optional: bool
-    field: dataclasses.Field
-
-
-def _leaves_of(cls: type, prefix: str = "") -> list[_Leaf]:
-    """All leaf keys of a config dataclass, in declaration order."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            out += _leaves_of(tp, f"{prefix}{f.name}.")
-            continue
-        args = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
-        base = [a for a in args if a is not type(None)]
-        assert len(base) == 1 and base[0] in (int, float, str, bool), f"unsupported type {tp}"
-        out.append(_Leaf(prefix + f.name, base[0], type(None) in args, f))
-    return out
-
-
-LEAVES: dict[str, _Leaf] = {leaf.key: leaf for leaf in _leaves_of(Config)}
-SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Config)
-                                  if dataclasses.is_dataclass(f.default_factory))
+DlmConfig = _section_class("dlm")
+SamplingConfig = _section_class("sampling")
+SchedulerConfig = _section_class("scheduler")
+BenchmarkConfig = _section_class("benchmark")
+_SECTION_CLASSES = {"dlm": DlmConfig, "sampling": SamplingConfig, "scheduler": SchedulerConfig,
+                    "benchmark": BenchmarkConfig}
+assert tuple(_SECTION_CLASSES) == tuple(SECTIONS)
+Config = dataclasses.make_dataclass(
+    "Config",
+    [(s.leaf, s.annotation, field(default=s.default, metadata={"setting": s}))
+     for s in SETTINGS_LIST if not s.section]
+    + [(name, cls, field(default_factory=cls)) for name, cls in _SECTION_CLASSES.items()],
+    frozen=True)
+Config.__module__, Config.__doc__ = __name__, "The whole effective configuration."
 
 
 def _env_names() -> dict[str, list[str]]:
     """Environment variable -> dotted keys it sets."""
     names: dict[str, list[str]] = {}
-    for key in LEAVES:
-        names.setdefault(ENV_PREFIX + key.rsplit(".", 1)[-1].upper(), []).append(key)
-    # Leaf names must stay unique so that each variable means one key; max_tokens is the one
-    # deliberate exception (one variable for the request default and the benchmark).
-    shared = {name: keys for name, keys in names.items() if len(keys) > 1}
-    assert shared == {"DLMNUMBA_MAX_TOKENS": ["sampling.max_tokens", "benchmark.max_tokens"]}, shared
+    for s in SETTINGS_LIST:
+        names.setdefault(s.env, []).append(s.key)
     return names
 
 
 ENV_VARS: dict[str, list[str]] = _env_names()
 
-# bool is a subclass of int, so ints and floats exclude it explicitly (YAML true is not 1).
-_TYPE_TESTS: dict[type, Callable[[Any], bool]] = {
-    bool: lambda v: type(v) is bool,
-    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    str: lambda v: isinstance(v, str),
-}
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean (true/false)"}
-
-
-def _err(source: str, key: str, problem: str) -> ConfigError:
-    """A ConfigError naming where the value came from and which key it is."""
-    return ConfigError(f"{source}: '{key}' {problem}")
-
-
-def _check_type(leaf: _Leaf, value: Any, source: str) -> Any:
-    """Return value (ints widened for float keys) if it has the key's type; else raise."""
-    if isinstance(value, os.PathLike) and leaf.type is str:
-        value = os.fspath(value)
-    if value is None and leaf.optional:
-        return None
-    tp = leaf.type
-    ok = _TYPE_TESTS[tp](value)
-    if ok and tp is float:
-        value = float(value)
-        ok = math.isfinite(value)
-    if not ok:
-        expected = _TYPE_NAMES[tp] + (" or null" if leaf.optional else "")
-        shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
-        hint = ""
-        if tp is float and isinstance(value, str) and _parses_as_float(value):
-            hint = " (YAML reads exponents without a dot, like 1e-3, as text: write 1.0e-3)"
-        raise _err(source, leaf.key, f"must be {expected}, got {shown}{hint}")
-    return value
-
-
-def _parses_as_float(text: str) -> bool:
-    """True if text is a number as Python reads it."""
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _parse_env(leaf: _Leaf, name: str, text: str) -> Any:
-    """Parse one environment variable's text per the key's type; errors name the variable."""
-    source = f"environment variable {name}"
-    low = text.strip().lower()
-    if leaf.optional and leaf.type is not str and low in ("null", "none"):
-        return None
-    if leaf.type is str:
-        return text
-    if leaf.type is bool:
-        if low in _TRUE | _FALSE:
-            return low in _TRUE
-        raise _err(source, leaf.key, f"must be one of true/false/1/0/yes/no/on/off, got {text!r}")
-    try:
-        value = leaf.type(text.strip())
-    except ValueError:
-        raise _err(source, leaf.key, f"must be {_TYPE_NAMES[leaf.type]}, got {text!r}") from None
-    return _check_type(leaf, value, source)
-
 
 def _apply_env(values: dict[str, Any], sources: dict[str, str], env: Mapping[str, str]) -> None:
-    """Apply environment variables (MODEL_PATH first so that DLMNUMBA_MODEL_PATH wins)."""
-    if env.get("MODEL_PATH"):
-        values["model_path"], sources["model_path"] = env["MODEL_PATH"], "environment variable MODEL_PATH"
+    """Apply environment variables (an alias such as MODEL_PATH first, so ours wins)."""
+    for s in SETTINGS_LIST:
+        if s.env_alias and env.get(s.env_alias):
+            source = f"environment variable {s.env_alias}"
+            values[s.key], sources[s.key] = from_text(s.key, env[s.env_alias], source), source
     for name, keys in ENV_VARS.items():
         text = env.get(name)
         if not text:
             continue
         for key in keys:
-            values[key] = _parse_env(LEAVES[key], name, text)
+            values[key] = from_text(key, text, f"environment variable {name}")
             sources[key] = f"environment variable {name}"
-
-
-def _unknown(key: str, source: str, candidates: tuple[str, ...] | None = None) -> ConfigError:
-    """An unknown-key error suggesting the same leaf in its section, then close spellings."""
-    candidates = candidates or (*LEAVES, *SECTIONS)
-    leaf = key.rsplit(".", 1)[-1]
-    close = [k for k in candidates if k != key and k.rsplit(".", 1)[-1] == leaf]
-    close += [k for k in difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
-              if k not in close]
-    hint = f" (did you mean {' or '.join(repr(c) for c in close[:3])}?)" if close else ""
-    return _err(source, key, f"is not a known configuration key{hint}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -314,11 +130,11 @@ def _flatten(data: Mapping[Any, Any], source: str) -> dict[str, Any]:
             if value is None:  # a section whose keys are all commented out
                 continue
             if not isinstance(value, dict):
-                raise _err(source, name, f"must be a mapping of keys to values, got {value!r}")
+                raise error(source, name, f"must be a mapping of keys to values, got {value!r}")
             for sub, subvalue in value.items():
                 flat[f"{name}.{sub}"] = subvalue
         elif isinstance(value, dict):  # a misspelt section
-            raise _unknown(name, source, SECTIONS)
+            raise unknown_key(name, source, tuple(SECTIONS))
         else:
             flat[name] = value
     return flat
@@ -326,28 +142,10 @@ def _flatten(data: Mapping[Any, Any], source: str) -> dict[str, Any]:
 
 def _apply(values: dict[str, Any], sources: dict[str, str], flat: Mapping[str, Any],
            source: str) -> None:
-    """Type-check and apply {dotted key: value} from one source."""
+    """Check and apply {dotted key: value} from one source."""
     for key, value in flat.items():
-        if key not in LEAVES:
-            raise _unknown(key, source)
-        values[key] = _check_type(LEAVES[key], value, source)
+        values[key] = check(key, value, source)
         sources[key] = source
-
-
-def _validate(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
-    """Range, choice and cross-key checks on the merged values; errors name key and source."""
-    for key, leaf in LEAVES.items():
-        value, meta = values[key], leaf.field.metadata
-        if meta["choices"] and value not in meta["choices"]:
-            raise _err(sources[key], key, f"must be one of {', '.join(meta['choices'])}; "
-                                          f"got {value!r}")
-        if meta["check"] and not meta["check"][0](value):
-            raise _err(sources[key], key, f"{meta['check'][1]}, got {value!r}")
-    block, small = values["dlm.block_size"], values["dlm.small_block_size"]
-    if block % small:
-        raise ConfigError(
-            f"'dlm.block_size' ({block}, from {sources['dlm.block_size']}) must be a multiple of "
-            f"'dlm.small_block_size' ({small}, from {sources['dlm.small_block_size']})")
 
 
 def _build(values: Mapping[str, Any]) -> Config:
@@ -366,10 +164,11 @@ def _build(values: Mapping[str, Any]) -> Config:
 def load_config(path: str | None = None, cli: dict[str, Any] | None = None,
                 env: Mapping[str, str] | None = None,
                 model_defaults: Mapping[str, Any] | None = None) -> Config:
-    """Defaults, then the model file's recommendations (e.g. its diffusion block size), then
-    environment (os.environ if env is None), then the YAML file, then CLI."""
-    values = {key: leaf.field.default for key, leaf in LEAVES.items()}
-    sources = dict.fromkeys(LEAVES, DEFAULTS_SOURCE)
+    """Defaults, then the model file's recommendations (model_source.recommended_settings),
+    then environment (os.environ if env is None), then the YAML file, then CLI.  Each value is
+    checked as it is applied; the rules between keys on the merged result."""
+    values = {key: s.default for key, s in SETTINGS.items()}
+    sources = dict.fromkeys(SETTINGS, DEFAULTS_SOURCE)
     if model_defaults:
         _apply(values, sources, dict(model_defaults), MODEL_SOURCE)
     _apply_env(values, sources, os.environ if env is None else env)
@@ -378,8 +177,29 @@ def load_config(path: str | None = None, cli: dict[str, Any] | None = None,
         _apply(values, sources, _flatten(_read_yaml(path), path), path)
     if cli:
         _apply(values, sources, {k: v for k, v in cli.items() if v is not None}, CLI_SOURCE)
-    _validate(values, sources)
+    check_together(values, sources)
     return _build(values)
+
+
+def get(cfg: Config, key: str) -> Any:
+    """The value of a dotted key in a Config."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def decode_settings(cfg: Config, max_tokens: int | None = None):
+    """The DecodeSettings of a Config (max_tokens: the command's cap, default
+    sampling.max_tokens)."""
+    from .decode.scheduler import DecodeSettings
+    from .decode.strategies import Sampling
+
+    sampling = {f.name for f in dataclasses.fields(Sampling)}
+    kw = {name: get(cfg, key) for name, key in DECODE_KEYS.items() if name not in sampling}
+    if max_tokens is not None:
+        kw["max_tokens"] = max_tokens
+    return DecodeSettings(**kw, sampling=Sampling(**{name: get(cfg, DECODE_KEYS[name])
+                                                     for name in sampling}))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -405,16 +225,20 @@ def _scalar(value: Any) -> str:
     return repr(value)
 
 
-def _comment(f: dataclasses.Field, indent: str) -> list[str]:
-    """A field's help text (with its allowed values) as wrapped YAML comment lines."""
-    choices = f.metadata.get("choices")
-    text = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+def _comment(text: str, indent: str) -> list[str]:
+    """Help text as wrapped YAML comment lines."""
     return [f"{indent}# {line}" for line in textwrap.wrap(text, 96 - len(indent))]
+
+
+def _setting_comment(s: Setting, indent: str) -> list[str]:
+    """A setting's help text with its allowed values."""
+    return _comment(s.help + (f" One of: {', '.join(s.choices)}." if s.choices else ""), indent)
 
 
 _HEADER = """\
 # dlmnumba configuration (`dlmnumba config generate` writes this file; values are the defaults).
-# Precedence: command-line options > this file > environment variables > defaults.
+# Precedence: command-line options > this file > environment variables > the model file's
+# recommended settings (its diffusion.block_size, ...) > defaults.
 # Environment: DLMNUMBA_<KEY> sets a key by its upper-cased leaf name (DLMNUMBA_BLOCK_SIZE,
 # DLMNUMBA_THREADS, ...); DLMNUMBA_MAX_TOKENS sets both max_tokens keys; model_path is also
 # read from MODEL_PATH (DLMNUMBA_MODEL_PATH wins).
@@ -424,11 +248,10 @@ _HEADER = """\
 def generate_config_text() -> str:
     """A commented example YAML whose values are the defaults; it loads back to Config()."""
     lines = [_HEADER]
-    for f in dataclasses.fields(Config):
-        if f.name in SECTIONS:
-            lines += ["", *_comment(f, ""), f"{f.name}:"]
-            for sub in dataclasses.fields(f.default_factory):
-                lines += [*_comment(sub, "  "), f"  {sub.name}: {_scalar(sub.default)}"]
-        else:
-            lines += [*_comment(f, ""), f"{f.name}: {_scalar(f.default)}"]
+    lines += [line for s in SETTINGS_LIST if not s.section
+              for line in (*_setting_comment(s, ""), f"{s.leaf}: {_scalar(s.default)}")]
+    for section, doc in SECTIONS.items():
+        lines += ["", *_comment(doc, ""), f"{section}:"]
+        lines += [line for s in SETTINGS_LIST if s.section == section
+                  for line in (*_setting_comment(s, "  "), f"  {s.leaf}: {_scalar(s.default)}")]
     return "\n".join(lines) + "\n"

@@ -9,8 +9,9 @@ class ModelFormatError(DlmError):
     """A model file is not a usable BitNet GGUF; the message names the file and what was expected."""
 
 
-class ConfigError(DlmError):
-    """A configuration value is unknown, of the wrong type, or out of range."""
+class ConfigError(DlmError, ValueError):
+    """A configuration value is unknown, of the wrong type, or out of range (a ValueError too,
+    so API callers that catch ValueError for bad settings keep working)."""
 
 
 class DecodeError(DlmError):

@@ -20,9 +20,9 @@ import dlmnumba  # noqa: E402
 from dlmnumba import evaluate as E  # noqa: E402
 from dlmnumba import tasks as T  # noqa: E402
 from dlmnumba.bench import environment_info  # noqa: E402
-from dlmnumba.cli import _chat  # noqa: E402
+from dlmnumba.chat import chat_prompt  # noqa: E402
 from dlmnumba.decode.scheduler import DecodeSettings, Generator  # noqa: E402
-from dlmnumba.gguf.synth import TOY_MODEL  # noqa: E402
+from dlmnumba.model_source import TOY_MODEL  # noqa: E402
 
 # (label, settings): the rows the issue asks for, in the order of the table
 ROWS = [
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     m = dlmnumba.load_model(args.model, threads=args.threads)
     exs = E.examples_for(T.TASKS, args.examples)
-    encode = lambda p: m.tokenizer.encode(_chat(m, p))  # noqa: E731
+    encode = lambda p: m.tokenizer.encode(chat_prompt(m.file.metadata, p))  # noqa: E731
     rows = ROWS if not args.rows else [ROWS[int(i) - 1] for i in args.rows.split(",")]
     Generator(m, DecodeSettings(max_tokens=4)).generate(encode("Copy: ab"))  # JIT warm-up
     header = ("| setting | " + " | ".join(T.TASKS) + " | all | tokens/pass | tok/s |\n"

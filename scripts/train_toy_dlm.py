@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dlmnumba import tasks as T  # noqa: E402
-from dlmnumba.cli import seed_chat  # noqa: E402
-from dlmnumba.gguf.synth import Preset, add_i2s_tensor, add_shape_metadata, write_atomically  # noqa: E402
+from dlmnumba.chat import seed_chat  # noqa: E402
+from dlmnumba.synth.models import Preset, add_i2s_tensor, add_shape_metadata, write_atomically  # noqa: E402
 from dlmnumba.gguf import quants  # noqa: E402
-from dlmnumba.gguf.vocab import (add_tokenizer_metadata, build_char_vocab,  # noqa: E402
+from dlmnumba.synth.vocab import (add_tokenizer_metadata, build_char_vocab,  # noqa: E402
                                  seed_chat_template, vocab_tokenizer)
 
 ARCH = "bitnet-b1.58"

@@ -1,7 +1,7 @@
 """Shared fixtures: small synthetic models written once per test session."""
 import pytest
 
-from dlmnumba.gguf.synth import write_synthetic
+from dlmnumba.synth.models import write_synthetic
 
 
 @pytest.fixture(scope="session")

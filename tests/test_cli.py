@@ -9,9 +9,10 @@ from click.testing import CliRunner
 
 import dlmnumba
 from dlmnumba import tasks as T
-from dlmnumba.cli import main, seed_chat
+from dlmnumba.chat import chat_prompt, seed_chat
+from dlmnumba.cli import main
 from dlmnumba.decode.scheduler import DecodeSettings, Generator
-from dlmnumba.gguf.synth import default_model_path
+from dlmnumba.model_source import default_model_path
 
 REPORT = re.compile(
     r"=== Benchmark Results ===\n"
@@ -77,8 +78,7 @@ def test_generate_and_eval_default_to_the_bundled_toy_model(monkeypatch):
 
 def test_eval_matches_the_library_and_writes_json(tmp_path):
     from dlmnumba import evaluate as E
-    from dlmnumba.cli import _chat
-    from dlmnumba.gguf.synth import TOY_MODEL
+    from dlmnumba.model_source import TOY_MODEL
 
     out = tmp_path / "e.json"
     r = invoke(["eval", "--tasks", "add,reverse", "-n", "4", "--mode", "iterative",
@@ -87,7 +87,7 @@ def test_eval_matches_the_library_and_writes_json(tmp_path):
     m = dlmnumba.load_model(str(TOY_MODEL))
     gen = Generator(m, DecodeSettings(mode="iterative", block_size=16, max_tokens=48))
     exs = E.examples_for(["add", "reverse"], 4)
-    want = [T.is_correct(e, gen.generate(m.tokenizer.encode(_chat(m, e.prompt))).text)
+    want = [T.is_correct(e, gen.generate(m.tokenizer.encode(chat_prompt(m.file.metadata, e.prompt))).text)
             for e in exs]
     data = json.loads(out.read_text())
     assert data["total"]["n"] == 8 and data["total"]["correct"] == sum(want)
@@ -139,7 +139,7 @@ def test_config_generate_roundtrip_and_cli_precedence(synth_model, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--block-size", "12"], "dlm.block_size"),
+    (["--block-size", "12", "--mode", "iterative"], "dlm.block_size"),
     (["--threshold", "1.5"], "dlm.threshold"),
     (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
 ])
@@ -189,7 +189,7 @@ def test_doctor_reports_the_kernel_path():
 
 
 def test_model_files_block_size_is_a_default_below_env_yaml_and_cli(tmp_path, monkeypatch):
-    from dlmnumba.gguf.synth import TOY_MODEL
+    from dlmnumba.model_source import TOY_MODEL
     monkeypatch.delenv("DLMNUMBA_BLOCK_SIZE", raising=False)
     assert dlmnumba.load_model(str(TOY_MODEL)).file.metadata["diffusion.block_size"] == 16
 

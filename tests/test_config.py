@@ -77,7 +77,7 @@ def test_defaults_equal_dataclass_defaults_and_spec():
         "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "max_tokens": 128},
         "scheduler": {"max_sequences": 16, "enable_radix_cache": True,
                       "radix_cache_max_tokens": 65536},
-        "benchmark": {"enabled": False, "iterations": 50, "warmup": 3, "max_tokens": 128,
+        "benchmark": {"iterations": 50, "warmup": 3, "max_tokens": 128,
                       "prompt": "What is the meaning of life?"},
     }
 
@@ -112,9 +112,9 @@ def test_dlmnumba_model_path_beats_model_path():
 
 
 def test_env_parsing_and_empty_values():
-    cfg = load_config(env={"DLMNUMBA_THRESHOLD": "0.75", "DLMNUMBA_ENABLED": "yes",
+    cfg = load_config(env={"DLMNUMBA_THRESHOLD": "0.75", "DLMNUMBA_ENABLE_RADIX_CACHE": "no",
                            "DLMNUMBA_THREADS": "null", "DLMNUMBA_HOST": "", "MODEL_PATH": ""})
-    assert cfg.dlm.threshold == 0.75 and cfg.benchmark.enabled is True
+    assert cfg.dlm.threshold == 0.75 and cfg.scheduler.enable_radix_cache is False
     assert cfg.threads is None and cfg.host == "127.0.0.1" and cfg.model_path is None
 
 
@@ -160,7 +160,7 @@ YAML_ERRORS = [
     ("dlm:\n  threshold: .nan\n", ["dlm.threshold", "nan", "number"]),
     ("sampling:\n  temperature: 1e-3\n", ["sampling.temperature", "1e-3", "1.0e-3"]),
     ("scheduler:\n  enable_radix_cache: 1\n", ["scheduler.enable_radix_cache", "1", "boolean"]),
-    ("benchmark:\n  enabled: 0\n", ["benchmark.enabled", "0", "boolean"]),
+    ("benchmark:\n  enabled: false\n", ["benchmark.enabled", "not a known"]),  # removed key
     ("benchmark:\n  prompt: 42\n", ["benchmark.prompt", "42", "string"]),
     ("host: null\n", ["'host'", "null", "string"]),
     ("threads: two\n", ["'threads'", "'two'", "integer or null"]),
@@ -179,8 +179,8 @@ YAML_ERRORS = [
     ("sampling:\n  top_k: -1\n", ["sampling.top_k", ">= 0"]),
     ("sampling:\n  seed: -1\n", ["sampling.seed", ">= 0"]),
     ("threads: 0\n", ["'threads'", "null or >= 1"]),
-    ("dlm:\n  threshold: 1.0\n", ["dlm.threshold", "(0, 1)", "1.0"]),
-    ("dlm:\n  threshold: 0\n", ["dlm.threshold", "(0, 1)"]),
+    ("dlm:\n  threshold: 1.01\n", ["dlm.threshold", "[0, 1]", "1.01"]),
+    ("dlm:\n  threshold: -0.5\n", ["dlm.threshold", "[0, 1]"]),
     ("sampling:\n  top_p: 0.0\n", ["sampling.top_p", "(0, 1]"]),
     ("sampling:\n  top_p: 1.5\n", ["sampling.top_p", "(0, 1]"]),
     ("sampling:\n  temperature: -0.1\n", ["sampling.temperature", ">= 0"]),
@@ -222,7 +222,7 @@ def test_unreadable_file_is_named(tmp_path):
     ({"DLMNUMBA_BLOCK_SIZE": "abc"}, ["DLMNUMBA_BLOCK_SIZE", "dlm.block_size", "'abc'", "integer"]),
     ({"DLMNUMBA_THRESHOLD": "high"}, ["DLMNUMBA_THRESHOLD", "'high'", "number"]),
     ({"DLMNUMBA_THRESHOLD": "inf"}, ["DLMNUMBA_THRESHOLD", "number"]),
-    ({"DLMNUMBA_THRESHOLD": "2"}, ["DLMNUMBA_THRESHOLD", "(0, 1)"]),
+    ({"DLMNUMBA_THRESHOLD": "2"}, ["DLMNUMBA_THRESHOLD", "[0, 1]"]),
     ({"DLMNUMBA_ENABLE_RADIX_CACHE": "maybe"}, ["DLMNUMBA_ENABLE_RADIX_CACHE", "'maybe'"]),
     ({"DLMNUMBA_PORT": "99999"}, ["DLMNUMBA_PORT", "1..65535"]),
     ({"DLMNUMBA_DECODE_MODE": "fast"}, ["DLMNUMBA_DECODE_MODE", "greedy"]),
@@ -237,7 +237,7 @@ def test_env_errors_name_variable(env, needles):
 
 @pytest.mark.parametrize("cli,needles", [
     ({"dlm.block_size": "32"}, ["command line", "dlm.block_size", "'32'", "integer"]),
-    ({"dlm.threshold": 1.5}, ["command line", "dlm.threshold", "(0, 1)"]),
+    ({"dlm.threshold": 1.5}, ["command line", "dlm.threshold", "[0, 1]"]),
     ({"sampling.top_k": True}, ["command line", "sampling.top_k", "integer"]),
     ({"dlm.blocksize": 32}, ["command line", "dlm.blocksize", "dlm.block_size"]),
 ])
@@ -249,16 +249,20 @@ def test_cli_errors_name_command_line(cli, needles):
 
 
 def test_block_size_multiple_checked_on_merged_config(tmp_path):
-    path = write(tmp_path, "dlm:\n  small_block_size: 8\n")
+    path = write(tmp_path, "dlm:\n  small_block_size: 8\n  decode_mode: iterative\n")
     with pytest.raises(ConfigError) as e:
         load_config(path, cli={"dlm.block_size": 12}, env={})
     msg = str(e.value)
     assert "'dlm.block_size' (12, from command line)" in msg
     assert f"'dlm.small_block_size' (8, from {path})" in msg
+    assert f"in iterative mode (from {path})" in msg
     # the same file with a compatible CLI value loads; env values are checked the same way
     assert load_config(path, cli={"dlm.block_size": 16}, env={}).dlm.block_size == 16
     with pytest.raises(ConfigError, match="DLMNUMBA_SMALL_BLOCK_SIZE"):
-        load_config(env={"DLMNUMBA_SMALL_BLOCK_SIZE": "48"})
+        load_config(env={"DLMNUMBA_SMALL_BLOCK_SIZE": "48", "DLMNUMBA_DECODE_MODE": "adaptive"})
+    # greedy and ar decode whole blocks: there the sub-block size does not matter
+    assert load_config(path, cli={"dlm.block_size": 12, "dlm.decode_mode": "greedy"},
+                       env={}).dlm.block_size == 12
 
 
 def test_generated_text_loads_back_to_defaults(tmp_path):

@@ -217,7 +217,7 @@ def test_seed_replay_matches_llamacpp(synth_model):
     n_ff = 256 makes every matmul input one 256-value block, where llama.cpp's Q8_K activation
     quantization equals our per-token one."""
     pytest.importorskip("llama_cpp")
-    from dlmnumba.gguf.synth import write_synthetic
+    from dlmnumba.synth.models import write_synthetic
     from llamacpp import LlamaCpp
     from seed_replay import seed_replay
     path = str(Path(synth_model()).parent / "k256.gguf")

@@ -240,14 +240,14 @@ def test_every_kernel_path_is_exact(path, m, k, n):
     assert np.array_equal(out, expect)
 
 
-@pytest.mark.parametrize("path", ["vnni512", "vnni256", "generic"])
+@pytest.mark.parametrize("path", ["vnni512", "vnni256", "portable"])
 def test_int8_lm_head_exact_and_fused(path):
     """int8 LM head vs the integer reference; fused argmax/confidence vs the full logits."""
     from dlmnumba.kernels.dispatch import supported_paths
     from dlmnumba.kernels.lm_head import LM_HEAD, LM_ROWS, combine_partials, interleave_rows
     if NO_JIT:
         pytest.skip("LLVM intrinsics need the JIT")
-    if path != "generic" and path not in supported_paths():
+    if path != "portable" and path not in supported_paths():
         pytest.skip(f"this CPU cannot execute the {path} path")
     rng = np.random.default_rng(11)
     m, k, v = 7, 1280, 301  # v not a multiple of the tile or of LM_ROWS; K over K_CHUNK
@@ -499,7 +499,7 @@ def test_screened_exact_head(m):
     xs = np.empty(m, np.float32)
     quantize_activations_u8(u, xs, h)
     approx = np.empty((m, v), np.float32)
-    LM_HEAD["generic"](approx, np.empty((n_tasks, m, 3)), u, xs, head.e8, head.e_inv,
+    LM_HEAD["portable"](approx, np.empty((n_tasks, m, 3)), u, xs, head.e8, head.e_inv,
                        head.e_sum, -1)
     a = np.linalg.norm(h.astype(np.float64), axis=1)
     b = np.linalg.norm(h - (u[:m, :k].astype(np.float64) - 128) / xs[:, None], axis=1)

@@ -22,7 +22,7 @@ import pytest
 from gguf_edit import rewrite
 
 import oracles as O
-from dlmnumba.gguf.synth import write_synthetic
+from dlmnumba.synth.models import write_synthetic
 
 T = 48
 HF_REL_TOL = 0.03          # measured max 1.2e-2 (one rounding-tie cascade); bugs give > 0.15

@@ -7,7 +7,7 @@ import pytest
 import dlmnumba
 from dlmnumba.gguf import quants
 from dlmnumba.gguf.reader import GGUFFile
-from dlmnumba.gguf.synth import PRESETS, layer_tensors, write_synthetic
+from dlmnumba.synth.models import PRESETS, layer_tensors, write_synthetic
 from oracles import load_gguf_weights, numpy_logits
 from gguf_edit import rewrite
 

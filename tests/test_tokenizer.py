@@ -25,7 +25,7 @@ from dlmnumba.gguf.tokenizer import (
     build_pre_tokenizer,
     bytes_to_unicode,
 )
-from dlmnumba.gguf.vocab import (
+from dlmnumba.synth.vocab import (
     LLAMA3_STYLE_CHAT_TEMPLATE,
     SynthVocab,
     add_tokenizer_metadata,
@@ -339,7 +339,7 @@ def test_synth_vocab_is_deterministic(vocab1024: SynthVocab) -> None:
     again.tokens[0] = "mutated"  # callers get their own lists, not the cached ones
     assert build_synth_vocab(1024) == vocab1024
     # A fresh process (new hash seeds, no cache) must train the very same vocabulary.
-    code = ("import hashlib, json; from dlmnumba.gguf.vocab import build_synth_vocab; "
+    code = ("import hashlib, json; from dlmnumba.synth.vocab import build_synth_vocab; "
             "v = build_synth_vocab(1024); "
             "print(hashlib.sha256(json.dumps([v.tokens, v.token_types, v.merges]).encode())"
             ".hexdigest())")

@@ -11,7 +11,7 @@ import pytest
 import dlmnumba
 from dlmnumba import evaluate as E
 from dlmnumba.decode.scheduler import DecodeSettings, Generator
-from dlmnumba.gguf.synth import TOY_MODEL
+from dlmnumba.model_source import TOY_MODEL
 
 torch = pytest.importorskip("torch")
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_toy_dlm.py"
@@ -74,8 +74,8 @@ def test_bundled_model_matches_its_pytorch_definition(trainer, toy):
 
 
 def test_bundled_model_prompt_form_is_the_chat_template(trainer, toy):
-    from dlmnumba.cli import _chat
-    assert _chat(toy, "What is 1+2?") == trainer.chat("What is 1+2?")
+    from dlmnumba.chat import chat_prompt
+    assert chat_prompt(toy.file.metadata, "What is 1+2?") == trainer.chat("What is 1+2?")
 
 
 # --- accuracy floors ------------------------------------------------------------------------
@@ -93,9 +93,9 @@ SETTINGS = {"ar": dict(mode="ar"),
 
 
 def _accuracy(model, **kw) -> float:
-    from dlmnumba.cli import _chat
+    from dlmnumba.chat import chat_prompt
     gen = Generator(model, DecodeSettings(max_tokens=48, **kw))
-    _, total = E.run_eval(gen, lambda p: model.tokenizer.encode(_chat(model, p)),
+    _, total = E.run_eval(gen, lambda p: model.tokenizer.encode(chat_prompt(model.file.metadata, p)),
                           E.examples_for(E.T.TASKS, PER_TASK))
     return total.accuracy
 
@@ -159,9 +159,9 @@ def test_a_broken_decoder_falls_far_below_the_floor(toy, monkeypatch, floor, brk
 
 def test_refinement_stops_at_a_committed_stop_token_without_changing_the_output(toy,
                                                                                  monkeypatch):
-    from dlmnumba.cli import _chat
+    from dlmnumba.chat import chat_prompt
     settings = DecodeSettings(mode="iterative", block_size=32, threshold=0.9, max_tokens=48)
-    prompts = [toy.tokenizer.encode(_chat(toy, e.prompt)) for e in E.examples_for(E.T.TASKS, 3)]
+    prompts = [toy.tokenizer.encode(chat_prompt(toy.file.metadata, e.prompt)) for e in E.examples_for(E.T.TASKS, 3)]
     early = [Generator(toy, settings).generate(p) for p in prompts]
     monkeypatch.setattr(Generator, "_stopped", lambda self, block, masked: False)
     full = [Generator(toy, settings).generate(p) for p in prompts]

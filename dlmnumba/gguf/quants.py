@@ -17,9 +17,7 @@ from typing import Callable
 import numpy as np
 from numba import njit, prange
 
-TQ1_0 = 34
-TQ2_0 = 35
-I2_S = 36
+from .ggml_types import I2_S, TQ1_0, TQ2_0
 
 QK_K = 256  # elements per TQ block (llama.cpp's super-block size)
 TQ1_0_BLOCK_BYTES = 54  # qs[48] (5 trits/byte) + qh[4] (4 trits/byte) + f16 d

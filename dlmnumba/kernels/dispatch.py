@@ -6,7 +6,8 @@ import os
 
 import numba
 
-PATHS = ("vnni512", "vnni256", "avx2", "portable")  # fastest first
+from .simd import PATHS  # the instruction paths, fastest first (names defined there)
+
 ENV = "DLMNUMBA_KERNEL"  # force a path: one of PATHS, or "auto"
 
 

@@ -32,10 +32,10 @@ BOUND_MARGIN = 1e-4  # relative slack on the screening bound (its own float32 ro
 LOGIT_ROUNDING = 1e-6  # >= the relative rounding of an int8-head logit (4 float32 operations)
 K_CHUNK = 1024  # k per pass over the task's rows (they and the token tiles stay in L2)
 U_OFFSET = 128  # added to int8 activations to make them unsigned
-# CPU path -> tile path: avx2's vpmaddubsw would saturate on u8 x s8 products, so it and the
-# portable path use the generic vector IR tile
-TILE_PATH = {"vnni512": "vnni512", "vnni256": "vnni256", "avx2": "generic",
-             "portable": "generic"}
+# CPU path -> the path of the LM head's tile: avx2's vpmaddubsw would saturate on u8 x s8
+# products (unsigned activations against int8 weights), so avx2 runs the portable tile
+TILE_PATH = {"vnni512": "vnni512", "vnni256": "vnni256", "avx2": "portable",
+             "portable": "portable"}
 
 
 @jit
@@ -341,12 +341,13 @@ def _lm_vnni256(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
 
 
 @jit
-def _lm_generic(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
+def _lm_portable(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
     lm_head_int8(3, 1, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
 
 
-LM_HEAD = {"vnni512": _lm_vnni512, "vnni256": _lm_vnni256, "generic": _lm_generic}
-assert all(SIMD_PATHS.index(p) == i for i, p in ((0, "vnni512"), (1, "vnni256"), (3, "generic")))
+LM_HEAD = {"vnni512": _lm_vnni512, "vnni256": _lm_vnni256, "portable": _lm_portable}
+assert all(SIMD_PATHS.index(p) == i for i, p in ((0, "vnni512"), (1, "vnni256"), (3, "portable")))
+assert set(TILE_PATH) == set(SIMD_PATHS) and set(TILE_PATH.values()) == set(LM_HEAD)
 
 
 def lm_head_int8_run(path: str, logits: np.ndarray, part: np.ndarray, u: np.ndarray,

@@ -25,8 +25,9 @@ and leaves 16 finished column sums, no horizontal reduction:
   avx2     `vpmaddubsw` (adjacent u8 x s8 pairs summed to int16, saturating) then `vpmaddwd`
            by ones: exact while |u0 s0 + u1 s1| < 2^15, i.e. for ternary codes (u <= 128 here)
            against int8 activations, not for u8 activations against int8 weights;
-  generic  plain LLVM vector IR (widen to int32, multiply, add) that any target lowers,
+  portable plain LLVM vector IR (widen to int32, multiply, add) that any target lowers,
            ARM included: exact for every operand, slower.
+These are the CPU paths of kernels/dispatch.py too (one set of names; `--kernel` picks one).
 
 numba's on-disk cache keys a compiled function on its own source file only, not on the IR an
 intrinsic emits: kernels/__init__.py drops the cached kernels when this file changes.
@@ -38,7 +39,8 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
-PATHS = ("vnni512", "vnni256", "avx2", "generic")  # index = the literal `path` argument
+# fastest first; index = the literal `path` argument
+PATHS = ("vnni512", "vnni256", "avx2", "portable")
 COLS = 16  # output columns per 64-byte weight vector
 VEC = 64  # bytes per weight vector and per packed chunk
 KSTEP = 4  # k per bcast_tile step (4 bytes broadcast)
@@ -46,7 +48,7 @@ PACK_K = 16  # k per 64-byte packed chunk (4 steps of 2-bit codes)
 PREFETCH_AHEAD = 1024  # bytes ahead on each packed stream (packed_vec)
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_WIDTH = {"vnni512": 64, "vnni256": 32, "avx2": 32, "generic": 64}  # bytes per register
+_WIDTH = {"vnni512": 64, "vnni256": 32, "avx2": 32, "portable": 64}  # bytes per register
 
 
 def _declare(module, name, ret, args):
@@ -81,7 +83,7 @@ class _Dot4:
             self.maddubs = _declare(mod, "llvm.x86.avx2.pmadd.ub.sw", i16_t, [self.byte_t] * 2)
             self.maddwd = _declare(mod, "llvm.x86.avx2.pmadd.wd", self.acc_t, [i16_t, i16_t])
             self.ones = ir.Constant(i16_t, [1] * 16)
-        elif path != "generic":
+        elif path != "portable":
             self.dp = _declare(mod, f"llvm.x86.avx512.vpdpbusd.{self.width * 8}", self.acc_t,
                                [self.acc_t] * 3)
 
@@ -89,7 +91,7 @@ class _Dot4:
         b = self.b
         if self.path == "avx2":
             return b.add(acc, b.call(self.maddwd, [b.call(self.maddubs, [u, s]), self.ones]))
-        if self.path == "generic":
+        if self.path == "portable":
             wide_t = ir.VectorType(_I32, self.width)
             prod = b.mul(b.zext(u, wide_t), b.sext(s, wide_t))
             lanes = self.width // 4

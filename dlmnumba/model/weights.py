@@ -13,14 +13,13 @@ import numpy as np
 
 from ..errors import ModelFormatError
 from ..gguf import quants
+from ..gguf.ggml_types import BF16, F16, F32, Q6_K, Q8_0
 from ..gguf.reader import GGUFFile
 from ..gguf.spec import ModelSpec
 from ..kernels.ternary import ROW_ALIGN, pack_codes, padded_k, unpack_weights
 
 TQ_GROUP = 256  # weights per TQ1_0/TQ2_0 block, each with its own f16 scale
 
-# GGML type ids the embedding / LM head may use
-F32, F16, Q8_0, Q6_K, BF16 = 0, 1, 8, 14, 30
 EMBED_TYPES = {F32: "F32", F16: "F16", BF16: "BF16", Q8_0: "Q8_0", Q6_K: "Q6_K"}
 NORM_TYPES = {F32: "F32", F16: "F16", BF16: "BF16"}
 

@@ -36,8 +36,9 @@ from gguf import GGUFWriter, TokenType
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
-from dlmnumba.errors import ConfigError
-from dlmnumba.gguf.tokenizer import PRE_TOKENIZERS, build_pre_tokenizer
+from ..errors import ConfigError
+from ..gguf.spec import EOT_TEXT, MASK_TOKEN_TEXT as MASK_TEXT
+from ..gguf.tokenizer import PRE_TOKENIZERS, build_pre_tokenizer
 
 CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "corpus.txt"
 PRE = "llama-bpe"
@@ -51,8 +52,6 @@ MIN_PAIR_FREQUENCY = 2
 
 BOS_TEXT = "<|begin_of_text|>"
 EOS_TEXT = "<|end_of_text|>"
-EOT_TEXT = "<|eot_id|>"
-MASK_TEXT = "|<MASK>|"
 HEADER_START_TEXT = "<|start_header_id|>"
 HEADER_END_TEXT = "<|end_header_id|>"
 # Offsets of the named tokens inside the control block (Llama-3's order).
@@ -216,7 +215,7 @@ def build_char_vocab() -> SynthVocab:
     """A byte-level vocabulary without word pieces, for small trained models (the bundled toy
     model): ids 0..255 are the bytes in byte order, then one merge (two spaces; GGUF and llama.cpp
     need a non-empty merge list), then the 16-token control block and |<MASK>| last (274 tokens)."""
-    from dlmnumba.gguf.tokenizer import bytes_to_unicode
+    from ..gguf.tokenizer import bytes_to_unicode
 
     b2u = bytes_to_unicode()
     tokens = [b2u[b] for b in range(256)]
@@ -232,7 +231,7 @@ def build_char_vocab() -> SynthVocab:
 
 def vocab_tokenizer(vocab: SynthVocab):
     """Our Tokenizer for a SynthVocab, exactly as a GGUF written with it would build it."""
-    from dlmnumba.gguf.tokenizer import Tokenizer
+    from ..gguf.tokenizer import Tokenizer
 
     return Tokenizer(vocab.tokens, vocab.token_types,
                      [tuple(m.split(" ", 1)) for m in vocab.merges], PRE,

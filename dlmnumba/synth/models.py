@@ -1,7 +1,8 @@
 """Synthetic BitNet GGUF models: real shapes, random ternary weights, a real BPE vocabulary.
 
-Used as the default benchmark model (the `bitnet-2b4t` preset has BitNet b1.58 2B-4T's shapes)
-and as test fixtures.  Weights are random, so text generated from them is noise.
+Used as the default benchmark model (the `bitnet-2b4t` preset has BitNet b1.58 2B-4T's shapes;
+model_source.py says which and where) and as test fixtures.  Weights are random, so text
+generated from them is noise.
 """
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quants
-from .spec import ARCH_ACTIVATION
-
-I2_S_TYPE = 36
+from ..gguf import quants
+from ..gguf.ggml_types import I2_S, TERNARY
+from ..gguf.spec import ARCH_ACTIVATION
 
 
 @dataclass(frozen=True)
@@ -40,20 +40,7 @@ PRESETS = {
     "bitnet-2b4t": Preset(n_vocab=128257, n_embd=2560, n_layer=30, n_head=20, n_head_kv=5,
                           n_ff=6912),
 }
-# The built-in default model of `generate` and `bench`: real 2B-4T shapes, in a type and
-# architecture that llama.cpp also loads, so comparisons run on the very same file.
-DEFAULT_MODEL = {"preset": "bitnet-2b4t", "qtype": "TQ2_0", "arch": "bitnet", "seed": 0}
-QTYPES = {"TQ1_0": 34, "TQ2_0": 35, "I2_S": I2_S_TYPE}
-
-
-def default_model_path() -> tuple[Path, dict]:
-    """Where the built-in default model lives (user cache dir) and how to write it."""
-    import os
-
-    root = Path(os.environ.get("DLMNUMBA_CACHE_DIR") or
-                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlmnumba")
-    d = DEFAULT_MODEL
-    return root / f"synthetic-{d['preset']}-{d['qtype']}-{d['arch']}-seed{d['seed']}.gguf", dict(d)
+QTYPES = TERNARY  # storage types of the projection weights, by name
 
 
 def layer_tensors(p: Preset, i: int) -> list[tuple[str, int, int]]:
@@ -151,7 +138,7 @@ def _add_ternary(w, rng: np.random.Generator, name: str, rows: int, cols: int, q
     codes = rng.integers(0, 3, size=(rows, cols), dtype=np.uint8)
     # scale so a unit-RMS input gives a unit-RMS output: var = cols * 2/3 * scale^2
     scale = np.float32(np.sqrt(1.5 / cols))
-    if qt == I2_S_TYPE:
+    if qt == I2_S:
         add_i2s_tensor(w, name, codes, float(scale))
     else:
         import gguf
@@ -164,10 +151,7 @@ def add_i2s_tensor(w, name: str, codes: np.ndarray, scale: float) -> None:
     """Add an I2_S tensor (codes uint8 {0, 1, 2} = {-1, 0, +1} of shape [rows, cols], one scale)
     to a gguf.GGUFWriter, which has no I2_S type of its own."""
     rows, cols = codes.shape
-    raw = quants.encode_ternary(I2_S_TYPE, codes, np.full((rows, 1), scale, np.float32))
+    raw = quants.encode_ternary(I2_S, codes, np.full((rows, 1), scale, np.float32))
     w.add_tensor(name, raw.view(np.int8), raw_shape=(rows, cols))
-    w.tensors[-1][name].dtype = I2_S_TYPE  # set the type id by hand
+    w.tensors[-1][name].dtype = I2_S  # set the type id by hand
 
-
-# The bundled toy model (scripts/train_toy_dlm.py): the default model of `generate` and `eval`.
-TOY_MODEL = Path(__file__).resolve().parent.parent / "data" / "toy-dlm.gguf"
