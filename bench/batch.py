@@ -32,7 +32,8 @@ MODES = {  # name -> (DecodeSettings keyword arguments, max_tokens)
 
 def default_model() -> str:
     """The built-in default model (2B-4T shapes, TQ2_0), written once to the user cache."""
-    from dlmnumba.gguf.synth import default_model_path, write_synthetic
+    from dlmnumba.model_source import default_model_path
+    from dlmnumba.synth.models import write_synthetic
 
     path, spec = default_model_path()
     if not path.exists():

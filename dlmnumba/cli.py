@@ -277,6 +277,63 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
         B.write_json(json_path, summary, B.environment_info(), settings)
 
 
+SERVE_KEYS = ("host", "port", "api_key", "max_request_bytes", "scheduler.max_sequences",
+              "scheduler.max_waiting", "scheduler.enable_radix_cache",
+              "scheduler.radix_cache_max_tokens")
+
+
+def _setting_options(keys):
+    def wrap(fn):
+        for k in reversed(keys):
+            fn = setting_option(k)(fn)
+        return fn
+    return wrap
+
+
+@main.command()
+@decode_options()
+@_setting_options(SERVE_KEYS)
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True, help="uvicorn's log level.")
+@user_errors
+def serve(log_level: str, **opts) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (continuous batching, prefix cache).
+
+    Without --model it serves the bundled toy model, like `generate`.  Ctrl-C stops it."""
+    from .model_source import open_model
+    from .server.app import ServerOptions, ServerState, create_app
+    from .server.run import serve_forever
+
+    extra = {SETTINGS[k].key: opts.pop(SETTINGS[k].param) for k in SERVE_KEYS}
+    cfg = _load_config(opts, "sampling.max_tokens", extra)
+    sc = cfg.scheduler
+    state = ServerState(ServerOptions(
+        model_name=Path(cfg.model_path).stem if cfg.model_path else "toy-dlm",
+        api_key=cfg.api_key, max_sequences=sc.max_sequences, max_waiting=sc.max_waiting,
+        max_body_bytes=cfg.max_request_bytes,
+        prefix_cache_tokens=sc.radix_cache_max_tokens if sc.enable_radix_cache else 0,
+        default_max_tokens=cfg.sampling.max_tokens))
+
+    from .gguf.reader import GGUFFile
+    from .gguf.spec import ModelSpec
+    from .model_source import resolve_model_path
+
+    path = resolve_model_path(cfg.model_path, "toy", note=_note)
+    ModelSpec.from_metadata(GGUFFile(str(path)).metadata, str(path))  # a bad file fails here
+
+    def load():
+        m = open_model(cfg, "toy", progress=False)
+        state.settings = _generator(m, _for_model(cfg, m, opts, "sampling.max_tokens", extra),
+                                    cfg.sampling.max_tokens).settings
+        return m
+
+    host_note = "" if cfg.host in ("127.0.0.1", "localhost", "::1") else \
+        " (reachable from other machines)"
+    click.echo(f"serving on http://{cfg.host}:{cfg.port}{host_note}; loading the model ...",
+               err=True)
+    serve_forever(create_app(state, load), cfg.host, cfg.port, log_level)
+
+
 @main.command("eval")
 @decode_options()
 @click.option("--tasks", default=",".join(TASKS),

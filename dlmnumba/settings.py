@@ -10,8 +10,8 @@ widened for float keys, paths as text); `check_together` applies the rules that 
 each other; `check_values` does both for a plain {key: value} dict.  Errors are ConfigError
 (also a ValueError) naming the source, the key, the value and what was expected.
 
-This module imports nothing of ours but errors.py and the kernel path names, so every layer
-may use it.
+This module imports nothing of ours but errors.py, the kernel path names and the decode modes'
+registry (decode/policies.py, decode/requests.py: neither imports settings).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .decode.policies import POLICIES
+from .decode.requests import MODES as _DECODE_MODES
 from .errors import ConfigError
 from .kernels.simd import PATHS as KERNEL_PATHS
 
@@ -103,8 +105,9 @@ class Setting:
         return f"null or {what}" if self.nullable else what
 
 
-MODES = ("greedy", "iterative", "adaptive", "ar")
-REFINING_MODES = ("iterative", "adaptive")  # modes that refine sub-blocks of small_block_size
+# decode modes: the registered unmasking policies and `ar` (decode/policies.py, requests.py)
+MODES = _DECODE_MODES
+REFINING_MODES = tuple(name for name, p in POLICIES.items() if p.refines)  # use small blocks
 
 SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("model_path", str, None, "GGUF model file; unset (null) = the built-in model.",
@@ -112,6 +115,11 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("host", str, "127.0.0.1", "Address the HTTP server listens on (the seed used "
             "0.0.0.0).", check=NON_EMPTY),
     Setting("port", int, 30000, "HTTP port.", check=PORT),
+    Setting("api_key", str, None, "Key every HTTP route but /health requires as "
+            "'Authorization: Bearer <key>'; unset (null) = no key.", nullable=True,
+            check=NON_EMPTY),
+    Setting("max_request_bytes", int, 1 << 20, "Largest HTTP request body accepted (413 "
+            "beyond).", check=POSITIVE),
     Setting("threads", int, None, "Compute threads; unset (null) = physical cores.", nullable=True,
             check=at_least(1)),
     Setting("kernel", str, "auto", "int8 kernel instruction path: auto = the fastest this CPU "
@@ -150,12 +158,15 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("sampling.seed", int, 0, "Random seed for sampling.", check=at_least(0)),
     Setting("sampling.max_tokens", int, 128, "Most new tokens per request (an exact cap).",
             check=POSITIVE),
-    Setting("scheduler.max_sequences", int, 16, "Most sequences decoded together.",
-            check=POSITIVE),
+    Setting("scheduler.max_sequences", int, 16, "Most sequences decoded together (one forward "
+            "pass per step over all of them).", check=POSITIVE),
+    Setting("scheduler.max_waiting", int, 256, "Most requests queued for a slot; beyond, the "
+            "server answers 429.", check=at_least(0)),
     Setting("scheduler.enable_radix_cache", bool, True, "Reuse the KV cache of shared prompt "
             "prefixes."),
-    Setting("scheduler.radix_cache_max_tokens", int, 65536, "Most tokens kept in the prefix "
-            "cache.", check=POSITIVE),
+    Setting("scheduler.radix_cache_max_tokens", int, 8192, "Most tokens kept in the prefix "
+            "cache (K/V in float32: n_layer x n_embd_kv x 8 bytes a token, 154 KB for BitNet "
+            "2B-4T).", check=POSITIVE),
     Setting("benchmark.iterations", int, 50, "Timed requests, run one after another.",
             check=POSITIVE),
     Setting("benchmark.warmup", int, 3, "Untimed warm-up requests before them (the JIT compile "

@@ -69,14 +69,15 @@ def test_defaults_equal_dataclass_defaults_and_spec():
     cfg = load_config(env={})
     assert cfg == Config()
     assert config_to_dict(cfg) == {
-        "model_path": None, "host": "127.0.0.1", "port": 30000, "threads": None,
+        "model_path": None, "host": "127.0.0.1", "port": 30000, "api_key": None,
+        "max_request_bytes": 1048576, "threads": None,
         "kernel": "auto", "lm_head": "exact",
         "dlm": {"block_size": 64, "small_block_size": 8, "threshold": 0.9, "mask_token_id": None,
                 "max_iterations_per_block": 10, "decode_mode": "greedy", "attention": "block",
                 "kv_commit": "normal"},
         "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "max_tokens": 128},
-        "scheduler": {"max_sequences": 16, "enable_radix_cache": True,
-                      "radix_cache_max_tokens": 65536},
+        "scheduler": {"max_sequences": 16, "max_waiting": 256, "enable_radix_cache": True,
+                      "radix_cache_max_tokens": 8192},
         "benchmark": {"iterations": 50, "warmup": 3, "max_tokens": 128,
                       "prompt": "What is the meaning of life?"},
     }

@@ -253,3 +253,52 @@ def test_shutdown_ends_running_streams(synth_model):
     assert not t.is_alive() and time.monotonic() - t0 < 10
     events = [json.loads(x[6:]) for x in got if x.startswith("data: {")]
     assert "shutting down" in events[-1]["error"]["message"]
+
+
+def test_cli_serve_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
+    """`dlmnumba serve` on a free port: health, a chat request, then SIGINT (Ctrl-C): exit 0
+    within seconds, no traceback."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dlmnumba", "serve", "--port", str(port),
+                             "--max-tokens", "8"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() - t0 < TIMEOUT
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
+                       json={"messages": [{"role": "user", "content": "What is 2+3?"}]})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_cli_serve_bad_model_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    p = subprocess.run([sys.executable, "-m", "dlmnumba", "serve", "--model", str(bad)],
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "bad.gguf" in p.stderr, p.stderr

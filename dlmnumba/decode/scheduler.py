@@ -8,19 +8,17 @@ Generator serves requests from several threads at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterator, Sequence
 
 from ..errors import DecodeError
+from ..gguf.spec import MASK_TOKEN_TEXT as MASK_TEXT
 from ..model.bitnet import Model
 from ..model.kv_cache import KVCache
-from .requests import (ATTENTIONS, AR_MODE, KV_COMMITS, MODES, Request, RequestStats,
-                       request_class)
+from .requests import ATTENTIONS, AR_MODE, Request, RequestStats, request_class
 from ..model.batch import Output, Segment
-from .policies import POLICIES, Policy
 from .strategies import Sampling
 
-MASK_TEXT = "|<MASK>|"
 
 
 @dataclass(frozen=True)
@@ -39,17 +37,14 @@ class DecodeSettings:
     sampling: Sampling = field(default_factory=Sampling)
 
     def __post_init__(self):
-        for name, choices in (("mode", MODES), ("attention", ATTENTIONS),
-                              ("kv_commit", KV_COMMITS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, name)!r}")
-        for name in ("block_size", "small_block_size", "max_iterations_per_block", "max_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if POLICIES.get(self.mode, Policy).refines and self.block_size % self.small_block_size:
-            raise ValueError(f"block_size {self.block_size} is not a multiple of "
-                             f"small_block_size {self.small_block_size}")
+        # the same definitions as YAML, CLI and HTTP requests (dlmnumba/settings.py)
+        from ..settings import DECODE_KEYS, check_values
+
+        values = {DECODE_KEYS[f.name]: getattr(self, f.name) for f in fields(self)
+                  if f.name in DECODE_KEYS}
+        values.update({DECODE_KEYS[f.name]: getattr(self.sampling, f.name)
+                       for f in fields(self.sampling)})
+        check_values(values, "DecodeSettings")
 
 
 @dataclass

@@ -23,13 +23,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import render_chat
 from ..decode.scheduler import DecodeSettings, Generator
+from ..decode.strategies import Sampling
 from ..engine import QueueFull
-from ..errors import DlmError
+from ..errors import ConfigError, DlmError
+from ..settings import DECODE_KEYS, check
 from . import protocol as P
 from .service import EngineService, Metrics, ShuttingDown
 from .stops import StopMatcher
 
 log = logging.getLogger("dlmnumba.server")
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(Sampling))
 DISCONNECT_POLL_S = 0.5
 
 
@@ -198,17 +201,21 @@ def _settings_for(state: ServerState, body: P._Common, n_prompt: int) -> DecodeS
                               f" is {n_prompt + budget} tokens, beyond the model's context "
                               f"length ({n_ctx})", budget_field, code="context_length_exceeded")
     base = state.settings
-    decode = {f: getattr(body, f) for f in P.DECODE_FIELDS if f != "top_k"
-              and getattr(body, f) is not None}
-    sampling = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p),
-                                  ("top_k", body.top_k), ("seed", body.seed)) if v is not None}
+    given = {f: getattr(body, f) for f in (*P.DECODE_FIELDS, "temperature", "top_p", "seed")
+             if getattr(body, f) is not None}
+    for f, value in given.items():  # the same definitions as the CLI and YAML
+        try:
+            given[f] = check(DECODE_KEYS[f], value, "request")
+        except ConfigError as e:
+            raise P.ApiError(400, str(e), f) from None
+    sampling = {f: v for f, v in given.items() if f in SAMPLING_FIELDS}
+    decode = {f: v for f, v in given.items() if f not in SAMPLING_FIELDS}
     try:
         return dataclasses.replace(
             base, max_tokens=budget, sampling=dataclasses.replace(base.sampling, **sampling),
             **decode)
-    except (ValueError, TypeError) as e:
-        param = next((f for f in (*decode, *sampling) if f in str(e)), None)
-        raise P.ApiError(400, str(e), param) from None
+    except ValueError as e:  # a rule between fields (block_size vs small_block_size)
+        raise P.ApiError(400, str(e), next(iter(decode), None)) from None
 
 
 async def _complete(state: ServerState, body: P._Common, ids: list[int], http: HttpRequest,

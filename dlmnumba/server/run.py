@@ -49,7 +49,10 @@ def serve_forever(app, host: str, port: int, log_level: str = "info") -> None:
     sock = bind(host, port)
     server = _Server(_config(app, log_level),
                      lambda: state.service and state.service.begin_shutdown())
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a clean stop here
+        pass
 
 
 class ThreadedServer:
