@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -137,9 +138,14 @@ HEADER = (f"{'target':<10}{'setting':<9}{'C':>4}{'req':>5}{'err':>4}{'cut':>4}{'
           f"{'tok/s':>9}{'vs llama':>9}   {'TTFT p50 / p99 (s)':>19}   {'latency p50 / p99 (s)':>21}")
 
 
+def _label(target: str) -> str:
+    """A URL target by its port (the full URL is in the JSON and the header line)."""
+    return target if "://" not in target else f":{urlparse(target).port}"
+
+
 def print_row(r: dict) -> None:
     ratio = f"{r['tok_s_vs_llamacpp']:.2f}x" if r.get("tok_s_vs_llamacpp") else "-"
-    print(f"{r['target']:<10}{r['setting']:<9}{r['concurrency']:>4}{r['requests']:>5}"
+    print(f"{_label(r['target']):<10}{r['setting']:<9}{r['concurrency']:>4}{r['requests']:>5}"
           f"{r['errors']:>4}{r['cut']:>4}{L.fmt(r['tokens_per_request'], '.1f'):>8}"
           f"{L.fmt(r['tok_s']):>9}{ratio:>9}   "
           f"{L.fmt(r['ttft_p50_s']):>9} / {L.fmt(r['ttft_p99_s']):<7}"
@@ -153,7 +159,7 @@ def print_multi(r: dict) -> None:
     lat = "".join(f"{L.fmt(t['latency_p50_s']):>8}" for t in r["turns"])
     errs = sum(t["errors"] for t in r["turns"])
     hits = "-" if r.get("prefix_hit_tokens") is None else f"{r['prefix_hit_tokens']:.0f}"
-    print(f"{r['target']:<10}{r['setting']:<9}{r['cache']:<6}{r['concurrency']:>4}{errs:>4}"
+    print(f"{_label(r['target']):<10}{r['setting']:<9}{r['cache']:<6}{r['concurrency']:>4}{errs:>4}"
           f"{hits:>7}   {cells}   |{lat}", flush=True)
     for t in r["turns"]:
         for e in t["error_samples"]:
@@ -256,7 +262,9 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory(prefix="serve_load-")
     try:
-        if args.preset:
+        if not {"dlmnumba", "llamacpp"} & set(targets):
+            path = None  # URL targets only: each server has its own model
+        elif args.preset:
             path = L.preset_model(args.preset, tmp.name)
         else:
             path = args.model or L.default_model()
@@ -265,7 +273,8 @@ def main() -> None:
         tmp.cleanup()
 
 
-def run(args, targets: list[str], settings: list[str], cs: list[int], path: str) -> None:
+def run(args, targets: list[str], settings: list[str], cs: list[int], path: str | None
+        ) -> None:
     from dlmnumba.bench import environment_info
 
     model = None
@@ -299,10 +308,11 @@ def run(args, targets: list[str], settings: list[str], cs: list[int], path: str)
                     yield (t, s, "?", (lambda t=t: contextlib.nullcontext(L.check_loopback(t))),
                            dict(SETTINGS.get(s, {})))
 
-    print(f"model {path}; {args.threads} threads; concurrency {cs}; "
+    urls = [t for t in targets if t not in ("dlmnumba", "llamacpp")]
+    print(f"model {path or 'of the server'}; {args.threads} threads; concurrency {cs}; "
           f"{args.requests_per_client if not args.multi_turn else args.multi_turn} "
           f"{'requests' if not args.multi_turn else 'turns'} per client, max_tokens "
-          f"{args.max_tokens}", flush=True)
+          f"{args.max_tokens}" + (f"; URL targets {', '.join(urls)}" if urls else ""), flush=True)
     if args.multi_turn:
         print(f"{'target':<10}{'setting':<9}{'cache':<6}{'C':>4}{'err':>4}{'hits':>7}   "
               f"{'TTFT p50 (s) per turn':<{8 * args.multi_turn}}   | latency p50 (s) per turn",

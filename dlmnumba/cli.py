@@ -11,7 +11,7 @@ import click
 
 from .chat import chat_prompt, prompt_text, seed_chat
 from .errors import DlmError
-from .settings import SETTINGS
+from .settings import REFINING_MODES, SETTINGS
 from .synth.models import PRESETS, QTYPES
 from .tasks import TASKS
 
@@ -140,6 +140,7 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
 DECODE_OPTION_KEYS = (
     "model_path", "dlm.decode_mode", "dlm.block_size", "dlm.small_block_size", "dlm.threshold",
     "dlm.max_iterations_per_block", "dlm.mask_token_id", "dlm.attention", "dlm.kv_commit",
+    "dlm.dual_cache",
     "threads", "kernel", "lm_head", "sampling.temperature", "sampling.top_k", "sampling.top_p",
     "sampling.seed",
 )
@@ -373,7 +374,8 @@ def eval_(tasks, n_per_task, json_path, show_failures, **opts) -> None:
     d = cfg.dlm
     desc = (f"mode {d.decode_mode}, block {d.block_size}"
             + (f", small block {d.small_block_size}, threshold {d.threshold}"
-               if d.decode_mode in ("iterative", "adaptive") else "")
+               + (", dual cache" if d.dual_cache else "")
+               if d.decode_mode in REFINING_MODES else "")
             + f", attention {d.attention}, kv_commit {d.kv_commit}, {m.threads} threads, "
               f"model {Path(m.path).name}")
     click.echo(E.format_table(results, total, desc))

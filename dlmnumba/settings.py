@@ -146,6 +146,9 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("dlm.attention", str, "block", "block: bidirectional within a block, causal across "
             "blocks (Fast-dLLM v2); causal: the seed's causal-only attention.",
             choices=("block", "causal")),
+    Setting("dlm.dual_cache", bool, False, "iterative/adaptive: refinement passes run only the "
+            "current sub-block against the cached prefix and the block's other positions' K/V "
+            "from their latest pass (Fast-dLLM DualCache; an approximation inside the block)."),
     Setting("dlm.kv_commit", str, "normal", "normal: the KV cache holds real tokens only; none: "
             "the seed's stale-mask scheduling (speed comparisons only, lower quality).",
             choices=("normal", "none")),
@@ -187,7 +190,8 @@ DECODE_KEYS: dict[str, str] = {
     "mode": "dlm.decode_mode", "block_size": "dlm.block_size",
     "small_block_size": "dlm.small_block_size", "threshold": "dlm.threshold",
     "max_iterations_per_block": "dlm.max_iterations_per_block", "attention": "dlm.attention",
-    "kv_commit": "dlm.kv_commit", "mask_token_id": "dlm.mask_token_id",
+    "kv_commit": "dlm.kv_commit", "dual_cache": "dlm.dual_cache",
+    "mask_token_id": "dlm.mask_token_id",
     "max_tokens": "sampling.max_tokens", "temperature": "sampling.temperature",
     "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
 }

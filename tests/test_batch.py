@@ -85,6 +85,8 @@ SETTINGS = [
     dict(mode="greedy", block_size=16, attention="causal", max_tokens=19),
     dict(mode="iterative", block_size=16, small_block_size=4, threshold=0.5, max_tokens=23),
     dict(mode="adaptive", block_size=8, small_block_size=4, threshold=0.9, max_tokens=17),
+    dict(mode="iterative", block_size=16, small_block_size=4, threshold=0.5, max_tokens=23,
+         dual_cache=True),
     dict(mode="greedy", block_size=8, kv_commit="none", attention="causal", max_tokens=17),
     dict(mode="ar", max_tokens=12, sampling=Sampling(temperature=1.0, top_k=20, seed=3)),
     dict(mode="iterative", block_size=8, small_block_size=4, max_tokens=16,

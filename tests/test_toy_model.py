@@ -87,9 +87,11 @@ def test_bundled_model_prompt_form_is_the_chat_template(trainer, toy):
 # short, so that break is not detectable by accuracy and is not listed.
 PER_TASK = 10
 # Measured on this sample: ar 0.65, iterative 0.65 (60 prompts; lookup is not learned).
-FLOORS = {"ar": 0.45, "iterative": 0.45}
+FLOORS = {"ar": 0.45, "iterative": 0.45, "iterative_dual_cache": 0.45}
 SETTINGS = {"ar": dict(mode="ar"),
-            "iterative": dict(mode="iterative", block_size=32, small_block_size=8, threshold=0.9)}
+            "iterative": dict(mode="iterative", block_size=32, small_block_size=8, threshold=0.9),
+            "iterative_dual_cache": dict(mode="iterative", block_size=32, small_block_size=8,
+                                         threshold=0.9, dual_cache=True)}
 
 
 def _accuracy(model, **kw) -> float:
@@ -100,7 +102,7 @@ def _accuracy(model, **kw) -> float:
     return total.accuracy
 
 
-@pytest.mark.parametrize("name", ["ar", "iterative"])
+@pytest.mark.parametrize("name", list(FLOORS))
 def test_bundled_model_reaches_its_accuracy_floor(toy, name):
     acc = _accuracy(toy, **SETTINGS[name])
     print(f"{name}: {acc:.3f} (floor {FLOORS[name]})")
@@ -128,18 +130,21 @@ def _block_local_mask(monkeypatch, model):
 
 def _ar_row_off_by_one(monkeypatch, model):
     """Off-by-one logit row: the first token is read from the prompt's second-to-last row."""
-    orig = Generator._decide
+    from dlmnumba.decode.requests import ARRequest
+    orig = ARRequest._plan
 
-    def broken(self, tokens, pos0, cache, rows):
-        if len(rows) == 1 and rows[0] > 0:
-            rows = [rows[0] - 1]
-        return orig(self, tokens, pos0, cache, rows)
-    monkeypatch.setattr(Generator, "_decide", broken)
+    def broken(self):
+        seg = orig(self)
+        if len(seg.rows) == 1 and seg.rows[0] > 0:
+            seg.rows = [seg.rows[0] - 1]
+        return seg
+    monkeypatch.setattr(ARRequest, "_plan", broken)
 
 
 # (floor it is held against, how it is broken, settings if not the floor's own)
 BREAKS = [("ar", _ar_row_off_by_one, {}),
           ("iterative", _no_shift, {}), ("iterative", _block_local_mask, {}),
+          ("iterative_dual_cache", _no_shift, {}), ("iterative_dual_cache", _block_local_mask, {}),
           # the seed's stale-cache scheduling: mask K/V left in the cache, the first AR token
           # written over the last prompt token's slot
           ("iterative", None, dict(mode="greedy", block_size=16, attention="causal",
@@ -163,7 +168,8 @@ def test_refinement_stops_at_a_committed_stop_token_without_changing_the_output(
     settings = DecodeSettings(mode="iterative", block_size=32, threshold=0.9, max_tokens=48)
     prompts = [toy.tokenizer.encode(chat_prompt(toy.file.metadata, e.prompt)) for e in E.examples_for(E.T.TASKS, 3)]
     early = [Generator(toy, settings).generate(p) for p in prompts]
-    monkeypatch.setattr(Generator, "_stopped", lambda self, block, masked: False)
+    from dlmnumba.decode.requests import DiffusionRequest
+    monkeypatch.setattr(DiffusionRequest, "_stopped", lambda self, block: False)
     full = [Generator(toy, settings).generate(p) for p in prompts]
     assert [g.tokens for g in early] == [g.tokens for g in full]
     assert all(a.stats.forward_passes <= b.stats.forward_passes for a, b in zip(early, full))

@@ -95,6 +95,7 @@ class Request:
         seg, self._pass = self._pass, None
         if seg is None:
             raise RuntimeError("feed() without a pass from next_pass()")
+        self._last = seg  # the pass being fed
         self.stats.forward_passes += 1
         if seg.output is Output.LOGITS:
             logits = result
@@ -270,17 +271,63 @@ class DiffusionRequest(Request):
     def _plan(self):
         if self.block is None:
             self.block = self._new_block()
-        b = self.block
-        b.pos0 = pos0 = self.cache.length if b.first else b.start
-        seq = self.tokens[pos0:b.pos] + b.tokens.tolist()
-        b.idx = np.flatnonzero(b.masked)
+        b, s = self.block, self.settings
+        sub = self.policy.sub_block(s)
+        masked = np.flatnonzero(b.masked)
+        cur = (b.pos + masked[0] - b.start) // sub  # the first sub-block with masks
+        # the positions this pass decides: on a block's first pass every masked one (each gets
+        # a first prediction), later only the current sub-block's
+        b.idx = masked if b.first else masked[(b.pos + masked - b.start) // sub == cur]
         row_pos = b.pos + b.idx - (1 if self.shift else 0)  # the logit row predicting each
+        if b.first or not s.dual_cache:
+            pos0 = self.cache.length if b.first else b.start
+            seq = self.tokens[pos0:b.pos] + b.tokens.tolist()
+        else:  # dual cache: the current sub-block (and the row before it) against the rest
+            lo = max(b.start + cur * sub, b.pos)
+            hi = min(b.start + (cur + 1) * sub, b.start + s.block_size)
+            pos0 = max(lo - (1 if self.shift else 0), b.start)
+            content = self.tokens[b.start:b.pos] + b.tokens.tolist()
+            seq = content[pos0 - b.start:hi - b.start]
+            self._load_block_kv(b.start, pos0, hi)
+        b.pos0 = pos0
         b.in_pass = row_pos >= pos0
         return self._segment(seq, pos0, self.mask, (row_pos[b.in_pass] - pos0).tolist(),
                              self.policy.needs_confidence)
 
+    # -- dual cache (Fast-dLLM): the block's K/V from the latest pass that computed each ------
+    def _load_block_kv(self, start: int, lo: int, hi: int) -> None:
+        """Cache slots from `start`: the block K/V of every block position outside [lo, hi) (the
+        pass appends its own after them)."""
+        c, keep = self.cache, self._outside
+        keep[:] = True
+        keep[lo - start:hi - start] = False
+        n = int(keep.sum())
+        c.reserve(n + hi - lo)
+        c.k[:, :, start:start + n] = self._bk[:, :, keep]
+        c.v[:, :, start:start + n] = self._bv[:, :, keep]
+        c.pos[start:start + n] = start + np.flatnonzero(keep)
+        c.length = start + n
+
+    def _save_block_kv(self, start: int, pos0: int, m: int) -> None:
+        """After a pass of m positions from pos0 (its K/V in the cache's last m slots)."""
+        if not self.settings.dual_cache:
+            return
+        if not hasattr(self, "_bk"):
+            c, n = self.cache, self.settings.block_size
+            self._bk = np.empty(c.k.shape[:2] + (n,) + c.k.shape[3:], np.float32)
+            self._bv = np.empty_like(self._bk)
+            self._outside = np.ones(n, bool)
+        c = self.cache
+        first = c.length - m
+        lo = pos0 - start
+        if lo < 0:  # a block's first pass also held real tokens before the block
+            first, m, lo = first - lo, m + lo, 0
+        self._bk[:, :, lo:lo + m] = c.k[:, :, first:first + m]
+        self._bv[:, :, lo:lo + m] = c.v[:, :, first:first + m]
+
     def _take(self, tok, conf):
         b, s = self.block, self.settings
+        self._save_block_kv(b.start, b.pos0, len(self._last.tokens))
         self.cache.truncate(b.start)  # K/V from the block start on saw masks: drop them
         if not b.in_pass.all():  # only the row before the block start can precede the pass
             tok, conf = np.concatenate([b.saved[0], tok]), np.concatenate([b.saved[1], conf])

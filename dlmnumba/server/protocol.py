@@ -63,7 +63,7 @@ class ChatMessage(BaseModel):
 
 # body field -> decode setting it sets (validated by dlmnumba.settings like CLI and YAML)
 DECODE_FIELDS = ("mode", "block_size", "small_block_size", "threshold",
-                 "max_iterations_per_block", "attention", "kv_commit", "top_k")
+                 "max_iterations_per_block", "attention", "kv_commit", "dual_cache", "top_k")
 
 
 class _Common(BaseModel):
@@ -96,6 +96,7 @@ class _Common(BaseModel):
     max_iterations_per_block: StrictInt | None = None
     attention: StrictStr | None = None
     kv_commit: StrictStr | None = None
+    dual_cache: StrictBool | None = None
     top_k: StrictInt | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
