@@ -40,7 +40,28 @@ def user_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """A bad command line is one line on stderr (`error: ...`) and exit status 2, like every
+    other user error, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            msg = " ".join(e.format_message().split())
+            if e.ctx is not None and isinstance(e, click.UsageError):
+                msg += f" (see '{e.ctx.command_path} --help')"
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dlmnumba")
 def main() -> None:
     """dlmnumba: fast CPU inference for ternary (BitNet b1.58) diffusion language models."""
@@ -195,15 +216,21 @@ def _for_model(cfg, model, opts: dict, max_tokens_key: str, extra: dict | None =
     return _load_config(opts, max_tokens_key, extra, rec) if rec else cfg
 
 
+def _readable(text: str) -> str:
+    """A command-line argument as text: bytes that were not UTF-8 (which Python keeps as lone
+    surrogates) become U+FFFD replacement characters."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _note(text: str) -> None:
     click.echo(text, err=True)
 
 
-def _open_model(cfg, default: str = "bench"):
+def _open_model(cfg, default: str = "bench", note=_note):
     """The configured model, or the built-in one of `default` (see model_source)."""
     from .model_source import open_model
 
-    return open_model(cfg, default, note=_note, progress=_progress())
+    return open_model(cfg, default, note=note, progress=_progress())
 
 
 def _generator(model, cfg, max_tokens: int):
@@ -222,13 +249,17 @@ def _generator(model, cfg, max_tokens: int):
 @user_errors
 def generate(prompt: str, chat: bool | None, **opts) -> None:
     """Generate text from PROMPT, streamed to stdout as blocks are committed."""
+    prompt = _readable(prompt)
     cfg = _load_config(opts, "sampling.max_tokens")
-    m = _open_model(cfg, default="toy")
+    notes: list[str] = []  # said once the request is accepted: a bad one is one line
+    m = _open_model(cfg, default="toy", note=notes.append)
     cfg = _for_model(cfg, m, opts, "sampling.max_tokens")
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
     ids = m.tokenizer.encode(prompt_text(m.file.metadata, prompt, chat))
-    dec = m.tokenizer.stream_decoder()
     stream = gen.stream(ids)
+    for n in notes:
+        _note(n)
+    dec = m.tokenizer.stream_decoder()
     for chunk in stream:
         text = "".join(dec.push(t) for t in chunk.tokens)
         click.echo(text, nl=False)

@@ -23,7 +23,7 @@ import yaml
 
 from .errors import ConfigError
 from .settings import (DECODE_KEYS, SECTIONS, SETTINGS, SETTINGS_LIST, Setting, check,
-                       check_together, error, from_text, unknown_key)
+                       check_together, error, from_text, short_repr, unknown_key)
 
 DEFAULTS_SOURCE = "defaults"
 MODEL_SOURCE = "the model file"
@@ -82,43 +82,81 @@ def _apply_env(values: dict[str, Any], sources: dict[str, str], env: Mapping[str
             sources[key] = f"environment variable {name}"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+MAX_YAML_DEPTH = 32  # nesting of a config file: two levels are used, 32 is generous
+MAX_YAML_BYTES = 1 << 20  # a config file is a few KB
 
 
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
-    """Build a mapping, raising on a repeated key."""
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader for config files: no aliases (a config has no use for them, and an alias
+    bomb expands to gigabytes), bounded nesting, text keys only, no key given twice."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in config files", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _construct_unique_mapping(loader: _ConfigLoader, node: yaml.MappingNode, deep: bool = False):
+    """Build a mapping, raising on a repeated key or a key that is not text."""
     seen = set()
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be text, not a list or mapping", key_node.start_mark)
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
+                None, None, f"duplicate key {short_repr(key)}", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-                                 _construct_unique_mapping)
+_ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                              _construct_unique_mapping)
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
     """Parse a YAML config file into a mapping (an empty file is an empty mapping)."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.load(f, Loader=_UniqueKeyLoader)
+            text = f.read(MAX_YAML_BYTES + 1)
+        if len(text) > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: config file larger than {MAX_YAML_BYTES} bytes")
+        data = yaml.load(text, Loader=_ConfigLoader)
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: cannot read config file: it is a directory") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: config file is not UTF-8 text: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_cut(' '.join(str(e).split()))}") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"{path}: a value cannot be read: {_cut(str(e))}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: config file must be a mapping of keys to values, "
                           f"got {type(data).__name__}")
     return data
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _flatten(data: Mapping[Any, Any], source: str) -> dict[str, Any]:
@@ -130,7 +168,8 @@ def _flatten(data: Mapping[Any, Any], source: str) -> dict[str, Any]:
             if value is None:  # a section whose keys are all commented out
                 continue
             if not isinstance(value, dict):
-                raise error(source, name, f"must be a mapping of keys to values, got {value!r}")
+                raise error(source, name, f"must be a mapping of keys to values, got "
+                                          f"{short_repr(value)}")
             for sub, subvalue in value.items():
                 flat[f"{name}.{sub}"] = subvalue
         elif isinstance(value, dict):  # a misspelt section

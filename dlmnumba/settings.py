@@ -212,9 +212,16 @@ def error(source: str, key: str, problem: str) -> ConfigError:
     return ConfigError(f"{source}: '{key}' {problem}")
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: one readable line whatever the value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + " ...'"
+
+
 def unknown_key(key: str, source: str, candidates: tuple[str, ...] | None = None) -> ConfigError:
     """An unknown-key error suggesting the same leaf in its section, then close spellings."""
     candidates = candidates or (*SETTINGS, *SECTIONS)
+    key = key if len(key) <= 80 else key[:75] + " ..."
     leaf = key.rsplit(".", 1)[-1]
     close = [k for k in candidates if k != key and k.rsplit(".", 1)[-1] == leaf]
     close += [k for k in difflib.get_close_matches(key, candidates, n=3, cutoff=0.6)
@@ -244,7 +251,7 @@ def _typed(s: Setting, value: Any, source: str) -> Any:
         ok = math.isfinite(value)
     if not ok:
         expected = _TYPE_NAMES[s.type] + (" or null" if s.nullable else "")
-        shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+        shown = "null" if value is None else f"{short_repr(value)} ({type(value).__name__})"
         hint = ""
         if s.type is float and isinstance(value, str) and _parses_as_float(value):
             hint = " (YAML reads exponents without a dot, like 1e-3, as text: write 1.0e-3)"
@@ -261,9 +268,9 @@ def check(key: str, value: Any, source: str = "value") -> Any:
     if value is None:
         return None
     if s.choices and value not in s.choices:
-        raise error(source, key, f"must be one of {', '.join(s.choices)}; got {value!r}")
+        raise error(source, key, f"must be one of {', '.join(s.choices)}; got {short_repr(value)}")
     if s.check and not s.check.test(value):
-        raise error(source, key, f"must be {s.expectation()}, got {value!r}")
+        raise error(source, key, f"must be {s.expectation()}, got {short_repr(value)}")
     return value
 
 

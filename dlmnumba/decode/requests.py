@@ -63,6 +63,9 @@ class Request:
                               f"(0..{n_vocab - 1})")
         self.settings = s = settings
         n_ctx = model.n_ctx
+        if s.block_size > n_ctx:
+            raise DecodeError(f"block_size {s.block_size} is larger than the model's context "
+                              f"length ({n_ctx})")
         if len(self.prompt) + s.max_tokens > n_ctx:
             raise DecodeError(
                 f"the prompt ({len(self.prompt)} tokens) plus max_tokens ({s.max_tokens}) is "
