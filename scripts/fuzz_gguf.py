@@ -79,6 +79,8 @@ def summarize(results: list[dict], seconds: float) -> dict:
         "rejected_without_file_name": sum(not r["names_file"] for r in rejected),
         "nonfinite_logits": sum(r.get("finite_logits") is False for r in results),
         "with_warnings": sum("warning" in r for r in results),
+        "warnings": sorted({f"case {r['index']}: {r['warning']}" for r in results
+                            if "warning" in r})[:5],
         "peak_ratio": {"median": q(ratios, 0.5), "p99": q(ratios, 0.99), "max": q(ratios, 1.0)},
         "peak_bytes": {"median": q(peaks, 0.5), "p99": q(peaks, 0.99), "max": q(peaks, 1.0)},
         "cases_over_2x": sum(x > 2 for x in ratios),
@@ -125,7 +127,10 @@ def main() -> int:
 
         def progress(rep: dict) -> None:
             if gf.is_finding(rep) and not args.quiet:
-                _, _, _, notes = gf.case(docs, args.seed, rep["index"], args.forward_every)
+                try:
+                    _, _, _, notes = gf.case(docs, args.seed, rep["index"], args.forward_every)
+                except Exception as e:  # noqa: BLE001 - reported as a "harness" outcome
+                    notes = f"(mutator failed: {e!r})"
                 print(f"FINDING case {rep['index']}: {rep['outcome']} {rep.get('type', '')} "
                       f"@ {rep.get('where', '-')}: {rep.get('msg', '')[:160]}\n    {notes[:300]}",
                       flush=True)
@@ -141,7 +146,7 @@ def main() -> int:
             out = Path(args.save)
             out.mkdir(parents=True, exist_ok=True)
             for r in results:
-                if gf.is_finding(r):
+                if gf.is_finding(r) and r["outcome"] != "harness":
                     raw, _, _, _ = gf.case(docs, args.seed, r["index"], args.forward_every)
                     (out / f"case-{args.seed}-{r['index']}.gguf").write_bytes(raw)
     print(json.dumps({k: v for k, v in summary.items() if k != "examples"}, indent=1))

@@ -56,8 +56,9 @@ def _int_vtype(rng: random.Random, v: int, keep: int | None) -> tuple[int, int]:
 
 
 def _as_int(value: Any) -> int:
+    """An integer standing for value, within the range of the GGUF integer types."""
     if isinstance(value, (int, float)) and math.isfinite(value):
-        return int(value)
+        return min(max(int(value), -2**63), 2**64 - 1)
     if isinstance(value, Arr):
         return len(value.items)
     return len(value) if isinstance(value, bytes) else 1
@@ -429,7 +430,13 @@ def _child(docs: list[Doc], bases: list[str], seed: int, indices: range, forward
     gc.freeze()  # the inherited heap is never garbage: keep gc.collect() per case cheap
     os.write(out, b'{"ready": true}\n')  # the parent's per-case clock starts now
     for index in indices:
-        raw, prompt, forward, _ = case(docs, seed, index, forward_every)
+        try:
+            raw, prompt, forward, _ = case(docs, seed, index, forward_every)
+        except Exception as e:  # noqa: BLE001 - a bug of the mutator, not of the library
+            os.write(out, (json.dumps({"outcome": "harness", "type": type(e).__name__,
+                                       "msg": str(e)[:300], "index": index, "size": 0,
+                                       "peak": 0}) + "\n").encode())
+            continue
         gc.collect()  # the last case's model (and its mapping) goes before the next is loaded
         path = _case_path(tmpdir, index)  # a fresh file: old mappings stay valid
         with open(path, "wb") as f:
@@ -530,7 +537,8 @@ def run_cases(docs: list[Doc], bases: list[str], seed: int, indices: range, *,
 
 
 def is_finding(rep: dict) -> bool:
-    """A failure of the library: anything but a clean load or one of our own errors."""
+    """A failure: anything but a clean load or one of our own errors (a "harness" outcome,
+    a bug of the mutator, counts too, so that it cannot hide cases)."""
     return rep["outcome"] not in ("ok", "rejected")
 
 
