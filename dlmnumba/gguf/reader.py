@@ -25,6 +25,9 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+# Arrays nested deeper than this are refused: real files nest at most once (llama.cpp's reader
+# refuses any nesting), and unbounded nesting would exhaust Python's recursion limit.
+MAX_ARRAY_DEPTH = 8
 
 # GGUF metadata value types -> struct format of one scalar; STRING (8) and ARRAY (9) are special.
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -108,20 +111,24 @@ class _Cursor:
             raise ModelFormatError(f"{self.path}: {self.where}: string at offset {self.pos - n} is "
                                    f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
-    def value(self, vtype: int) -> Any:
-        """Read one metadata value of GGUF value type vtype."""
+    def value(self, vtype: int, depth: int = 0) -> Any:
+        """Read one metadata value of GGUF value type vtype (depth: arrays around it)."""
         fmt = _SCALAR_FORMATS.get(vtype)
         if fmt is not None:
             return self.scalar(fmt)
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            return self.array()
+            return self.array(depth)
         raise ModelFormatError(f"{self.path}: {self.where}: unknown GGUF value type {vtype} at "
                                f"offset {self.pos - 4}; expected 0..12")
 
-    def array(self) -> Any:
+    def array(self, depth: int = 0) -> Any:
         """Read an array: numbers -> numpy array (copied), strings -> list[str], arrays -> list."""
+        if depth >= MAX_ARRAY_DEPTH:
+            raise ModelFormatError(f"{self.path}: {self.where}: arrays nested more than "
+                                   f"{MAX_ARRAY_DEPTH} deep at offset {self.pos - 4}; expected "
+                                   "at most one level of nesting")
         etype = self.u32()
         dtype = _SCALAR_DTYPES.get(etype)
         if dtype is not None:
@@ -134,7 +141,7 @@ class _Cursor:
         if etype == _STRING:
             return [self.string() for _ in range(self.count("strings", 8))]
         if etype == _ARRAY:
-            return [self.array() for _ in range(self.count("nested arrays", 12))]
+            return [self.array(depth + 1) for _ in range(self.count("nested arrays", 12))]
         raise ModelFormatError(f"{self.path}: {self.where}: unknown GGUF array element type "
                                f"{etype} at offset {self.pos - 4}; expected 0..12")
 

@@ -1,8 +1,12 @@
 """ModelSpec: every hyper-parameter of a BitNet model, read once from GGUF metadata."""
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import numpy as np
 
 from ..errors import ModelFormatError
 
@@ -54,12 +58,17 @@ class ModelSpec:
         """Build the spec from GGUF metadata; errors name the file and the key."""
 
         def need(key: str, kind: type) -> Any:
-            if key not in md:
-                raise ModelFormatError(f"{path}: missing metadata key '{key}'")
-            return _typed(md[key], kind, key, path)
+            return meta_scalar(md, key, kind, path)
 
         def opt(key: str, kind: type, default: Any) -> Any:
-            return _typed(md[key], kind, key, path) if key in md else default
+            return meta_scalar(md, key, kind, path, default)
+
+        def positive(key: str, default: Any = MISSING) -> int:
+            val = meta_scalar(md, key, int, path, default)
+            if val <= 0:
+                raise ModelFormatError(f"{path}: metadata key '{key}' = {val}, expected a "
+                                       "positive integer")
+            return val
 
         arch = need("general.architecture", str)
         if arch not in ARCH_ACTIVATION:
@@ -67,13 +76,9 @@ class ModelSpec:
                 f"{path}: unknown architecture '{arch}' in 'general.architecture' "
                 f"(expected one of {', '.join(ARCH_ACTIVATION)})")
         p = arch + "."
-        n_embd = need(p + "embedding_length", int)
-        n_head = need(p + "attention.head_count", int)
-        n_head_kv = opt(p + "attention.head_count_kv", int, n_head)
-        for key, val in ((p + "embedding_length", n_embd), (p + "attention.head_count", n_head),
-                         (p + "attention.head_count_kv", n_head_kv)):
-            if val <= 0:
-                raise ModelFormatError(f"{path}: '{key}' = {val}, expected a positive integer")
+        n_embd = positive(p + "embedding_length")
+        n_head = positive(p + "attention.head_count")
+        n_head_kv = positive(p + "attention.head_count_kv", n_head)
         if n_embd % n_head:
             raise ModelFormatError(f"{path}: '{p}embedding_length' {n_embd} is not a multiple "
                                    f"of '{p}attention.head_count' {n_head}")
@@ -88,20 +93,33 @@ class ModelSpec:
         act_key = p + "hidden_activation"
         activation = ARCH_ACTIVATION[arch]
         if act_key in md:
-            name = _typed(md[act_key], str, act_key, path).lower()
+            name = need(act_key, str).lower()
             if name not in ACTIVATION_ALIASES:
-                raise ModelFormatError(f"{path}: '{act_key}' = '{name}', expected one of "
+                raise ModelFormatError(f"{path}: '{act_key}' = {_short(name)}, expected one of "
                                        f"{', '.join(sorted(ACTIVATION_ALIASES))}")
             activation = ACTIVATION_ALIASES[name]
-        tokens = md.get("tokenizer.ggml.tokens")
-        n_vocab = opt(p + "vocab_size", int, len(tokens) if tokens is not None else 0)
+        rope_base = float(opt(p + "rope.freq_base", float, 10000.0))
+        rms_eps = float(opt(p + "attention.layer_norm_rms_epsilon", float, 1e-5))
+        for key, val in ((p + "rope.freq_base", rope_base),
+                         (p + "attention.layer_norm_rms_epsilon", rms_eps)):
+            if not (math.isfinite(val) and val > 0):
+                raise ModelFormatError(f"{path}: metadata key '{key}' = {val}, expected a finite "
+                                       "positive number")
+        tokens = meta_strings(md, "tokenizer.ggml.tokens", path)
+        n_vocab = (positive(p + "vocab_size") if p + "vocab_size" in md
+                   else len(tokens) if tokens is not None else 0)
+        if tokens is not None and len(tokens) > n_vocab:
+            raise ModelFormatError(f"{path}: 'tokenizer.ggml.tokens' has {len(tokens)} entries "
+                                   f"but '{p}vocab_size' = {n_vocab}; expected at most one token "
+                                   "per embedding row")
         ids = {k: opt(f"tokenizer.ggml.{k}_token_id", int, None)
                for k in ("bos", "eos", "eot", "mask")}
         eog = {i for i in (ids["eos"], ids["eot"]) if i is not None}
         if tokens is not None:
-            types = md.get("tokenizer.ggml.token_type")
+            types = meta_ints(md, "tokenizer.ggml.token_type", path, len(tokens),
+                              "tokenizer.ggml.tokens")
             text_to_id = {t: i for i, t in enumerate(tokens) if t in EOG_TEXTS
-                          and (types is None or int(types[i]) in EOG_TOKEN_TYPES)}
+                          and (types is None or types[i] in EOG_TOKEN_TYPES)}
             if ids["eot"] is None and EOT_TEXT in text_to_id:
                 ids["eot"] = text_to_id[EOT_TEXT]
             eog.update(text_to_id.values())
@@ -111,24 +129,81 @@ class ModelSpec:
                                        f"outside the vocabulary (0..{n_vocab - 1})")
         return cls(
             path=path, arch=arch, n_vocab=n_vocab, n_embd=n_embd,
-            n_layer=need(p + "block_count", int), n_head=n_head, n_head_kv=n_head_kv,
-            head_dim=head_dim, n_rot=n_rot, n_ff=need(p + "feed_forward_length", int),
-            n_ctx_train=opt(p + "context_length", int, 4096),
-            rope_base=float(opt(p + "rope.freq_base", float, 10000.0)),
-            rms_eps=float(opt(p + "attention.layer_norm_rms_epsilon", float, 1e-5)),
+            n_layer=positive(p + "block_count"), n_head=n_head, n_head_kv=n_head_kv,
+            head_dim=head_dim, n_rot=n_rot, n_ff=positive(p + "feed_forward_length"),
+            n_ctx_train=positive(p + "context_length", 4096),
+            rope_base=rope_base, rms_eps=rms_eps,
             activation=activation, bos_id=ids["bos"], eos_id=ids["eos"], eot_id=ids["eot"],
             mask_id=ids["mask"], eog_ids=frozenset(eog),
-            shift_logits=bool(opt("diffusion.shift_logits", bool, True)),
+            shift_logits=opt("diffusion.shift_logits", bool, True),
         )
 
 
-def _typed(value: Any, kind: type, key: str, path: str) -> Any:
-    """Check a metadata value's type (ints accepted for floats) and return it."""
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and hasattr(value, "__index__") and not isinstance(value, bool):
+MISSING: Any = object()
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "a bool", str: "a string"}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a metadata value cut to `limit` characters (arrays may hold 100k entries)."""
+    text = reprlib.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (list, np.ndarray)):
+        return f"an array of {len(value)} elements {_short(value)}"
+    return f"{type(value).__name__} {_short(value)}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def meta_scalar(md: Mapping[str, Any], key: str, kind: type, path: str,
+                default: Any = MISSING) -> Any:
+    """The single value of kind int, float, bool or str stored under key (ints are accepted
+    for floats); a missing key gives default, or a ModelFormatError without one."""
+    if key not in md:
+        if default is MISSING:
+            raise ModelFormatError(f"{path}: missing metadata key '{key}'")
+        return default
+    value = md[key]
+    if kind is int and _is_int(value):
         return int(value)
-    if isinstance(value, kind):
+    if kind is float and (_is_int(value) or isinstance(value, (float, np.floating))):
+        return float(value)
+    if kind is bool and isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if kind is str and isinstance(value, str):
         return value
-    raise ModelFormatError(f"{path}: metadata '{key}' is {type(value).__name__} {value!r}, "
-                           f"expected {kind.__name__}")
+    raise ModelFormatError(f"{path}: metadata key '{key}' is {_describe(value)}, expected "
+                           f"{_KIND_NAMES[kind]}")
+
+
+def meta_strings(md: Mapping[str, Any], key: str, path: str) -> list[str] | None:
+    """The array of strings stored under key, or None when the key is absent."""
+    value = md.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ModelFormatError(f"{path}: metadata key '{key}' is {_describe(value)}, expected "
+                               "an array of strings")
+    return value
+
+
+def meta_ints(md: Mapping[str, Any], key: str, path: str, length: int,
+              length_key: str) -> list[int] | None:
+    """The array of integers stored under key, which must have one entry per element of
+    length_key; None when the key is absent."""
+    value = md.get(key)
+    if value is None:
+        return None
+    ok = (isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iu") or (
+        isinstance(value, list) and all(_is_int(v) for v in value))
+    if not ok:
+        raise ModelFormatError(f"{path}: metadata key '{key}' is {_describe(value)}, expected "
+                               "an array of integers")
+    if len(value) != length:
+        raise ModelFormatError(f"{path}: metadata key '{key}' has {len(value)} entries, "
+                               f"expected {length}, one per entry of '{length_key}'")
+    return [int(v) for v in value]

@@ -67,7 +67,8 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
 MISSING_PRE = "default"
 SUPPORTED_MODELS = ("gpt2",)
 
-from .spec import EOG_TEXTS, EOG_TOKEN_TYPES, EOT_TEXT  # one list for the spec and us
+from .spec import (EOG_TEXTS, EOG_TOKEN_TYPES, EOT_TEXT,  # one list for the spec and us
+                   meta_ints, meta_scalar, meta_strings)
 
 # How tokens print, as in llama.cpp's token_to_piece for BPE vocabularies: these types as
 # their raw text (no byte-level decoding) ...
@@ -110,13 +111,9 @@ def _fail(source: str, key: str, problem: str) -> ModelFormatError:
 
 
 def _optional_id(meta: Mapping[str, object], key: str, n_vocab: int, source: str) -> int | None:
-    value = meta.get(key)
-    if value is None:
+    token_id = meta_scalar(meta, key, int, source, None)
+    if token_id is None:
         return None
-    try:
-        token_id = int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise _fail(source, key, f"expected a token id, got {value!r}") from None
     if not 0 <= token_id < n_vocab:
         raise _fail(source, key, f"token id {token_id} is outside the vocabulary [0, {n_vocab})")
     return token_id
@@ -173,41 +170,35 @@ class Tokenizer:
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, object], source: str) -> Tokenizer:
         """Validate the `tokenizer.*` keys of a GGUF file and build the tokenizer."""
-        model = metadata.get(K.MODEL)
-        if model is None:
+        if K.MODEL not in metadata:
             raise _fail(source, K.MODEL, "missing; this file has no tokenizer")
-        if not isinstance(model, str) or model not in SUPPORTED_MODELS:
+        model = meta_scalar(metadata, K.MODEL, str, source)
+        if model not in SUPPORTED_MODELS:
             raise _fail(source, K.MODEL, f"unsupported tokenizer model {model!r}; "
                         f"supported: {', '.join(SUPPORTED_MODELS)} (byte-level BPE)")
-        pre = metadata.get(K.PRE, MISSING_PRE)
-        if not isinstance(pre, str) or pre not in PRE_TOKENIZERS:
+        pre = meta_scalar(metadata, K.PRE, str, source, MISSING_PRE)
+        if pre not in PRE_TOKENIZERS:
             raise _fail(source, K.PRE, f"unsupported pre-tokenizer {pre!r}; "
                         f"supported: {', '.join(PRE_TOKENIZERS)}")
 
-        raw_tokens = metadata.get(K.LIST)
-        if raw_tokens is None or isinstance(raw_tokens, (str, bytes)) \
-                or not isinstance(raw_tokens, Iterable):
+        tokens = meta_strings(metadata, K.LIST, source)
+        if tokens is None:
             raise _fail(source, K.LIST, "missing; expected a list of token strings")
-        tokens = [str(t) for t in raw_tokens]
         if not tokens:
             raise _fail(source, K.LIST, "is empty; expected a list of token strings")
         n_vocab = len(tokens)
 
-        raw_types = metadata.get(K.TOKEN_TYPE)
-        if raw_types is None:
+        token_types = meta_ints(metadata, K.TOKEN_TYPE, source, n_vocab, K.LIST)
+        if token_types is None:
             token_types = [int(TokenType.NORMAL)] * n_vocab  # llama.cpp: absent means NORMAL
         else:
-            token_types = [int(t) for t in raw_types]  # type: ignore[union-attr]
-            if len(token_types) != n_vocab:
-                raise _fail(source, K.TOKEN_TYPE, f"has {len(token_types)} entries but "
-                            f"'{K.LIST}' has {n_vocab} tokens")
             valid = {int(t) for t in TokenType}
             bad = next((i for i, t in enumerate(token_types) if t not in valid), None)
             if bad is not None:
                 raise _fail(source, K.TOKEN_TYPE, f"token {bad} has unknown type "
                             f"{token_types[bad]}; expected one of {sorted(valid)}")
 
-        merges = _parse_merges(metadata.get(K.MERGES), tokens, source)
+        merges = _parse_merges(meta_strings(metadata, K.MERGES, source), tokens, source)
 
         bos_id = _optional_id(metadata, K.BOS_ID, n_vocab, source)
         eos_id = _optional_id(metadata, K.EOS_ID, n_vocab, source)
@@ -216,9 +207,9 @@ class Tokenizer:
             eot_id = len(tokens) - 1 - tokens[::-1].index(EOT_TEXT)
         mask_id = _optional_id(metadata, K.MASK_ID, n_vocab, source)
 
-        add_bos_value = metadata.get(K.ADD_BOS)
+        add_bos_value = meta_scalar(metadata, K.ADD_BOS, bool, source, None)
         # llama.cpp's default: BPE vocabularies add no BOS, except the Llama-3 pre-tokenizer family.
-        add_bos = PRE_TOKENIZERS[pre].add_bos if add_bos_value is None else bool(add_bos_value)
+        add_bos = PRE_TOKENIZERS[pre].add_bos if add_bos_value is None else add_bos_value
         if add_bos and bos_id is None:
             if add_bos_value is not None:
                 raise _fail(source, K.ADD_BOS, f"is true but '{K.BOS_ID}' is missing")
@@ -230,7 +221,18 @@ class Tokenizer:
     # --- encoding / decoding -------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text` (special-token texts become single ids), BOS per add_bos_token."""
+        """Token ids of `text` (special-token texts become single ids), BOS per add_bos_token.
+
+        Text that cannot be UTF-8 encoded (lone surrogates, e.g. from undecodable bytes read
+        with errors="surrogateescape") is a ValueError naming the first bad character."""
+        if not isinstance(text, str):
+            raise TypeError(f"text to encode must be a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"text to encode is not valid Unicode: the character at index "
+                             f"{e.start}, {text[e.start]!r}, is a lone surrogate (from undecodable "
+                             "input bytes?); expected text that encodes as UTF-8") from None
         ids = self._hf.encode(text, add_special_tokens=False).ids
         if self._add_bos if add_bos is None else add_bos:
             if self._bos_id is None:
@@ -359,16 +361,14 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
-def _parse_merges(raw: object, tokens: list[str], source: str) -> list[tuple[str, str]]:
+def _parse_merges(raw: list[str] | None, tokens: list[str],
+                  source: str) -> list[tuple[str, str]]:
     """Split "left right" merge strings the way llama.cpp does and check they name tokens."""
     if raw is None:
         raise _fail(source, K.MERGES, "missing; byte-level BPE needs its merge list")
-    if isinstance(raw, str) or not isinstance(raw, Iterable):
-        raise _fail(source, K.MERGES, f"expected a list of strings, got {type(raw).__name__}")
     vocab = set(tokens)
     merges = []
     for n, merge in enumerate(raw):
-        merge = str(merge)
         # llama.cpp searches the separator from position 1, so a merge may start with a space.
         cut = merge.find(" ", 1)
         if cut < 0:

@@ -153,6 +153,16 @@ class Weights:
 def load_weights(f: GGUFFile, spec: ModelSpec, progress=None) -> Weights:
     """Load and repack every weight; all missing/unexpected tensors reported at once."""
     names = set(f.tensors)
+    # The metadata's block count must be backed by tensors before anything is sized by it: a
+    # corrupt count (2^31) would otherwise build name sets and loops of that length.  Blocks
+    # that are present but incomplete are left to the missing-tensor report below.
+    per_layer = len(TERNARY) + len(NORMS)
+    blocks = {n.split(".")[1] for n in names if n.startswith("blk.") and n.count(".") >= 2}
+    if spec.n_layer > len(blocks) and spec.n_layer * per_layer + 2 > len(names):
+        raise ModelFormatError(
+            f"{f.path}: metadata key '{spec.arch}.block_count' = {spec.n_layer}, but the file has "
+            f"only {len(names)} tensors ({len(blocks)} distinct blocks 'blk.N'); expected "
+            f"{per_layer} per block plus 'token_embd.weight' and 'output_norm.weight'")
     expected = {"token_embd.weight", "output_norm.weight"}
     optional = {"output.weight"}
     for i in range(spec.n_layer):
@@ -199,15 +209,27 @@ def _expect_shape(f: GGUFFile, name: str, shape: tuple[int, ...]) -> None:
                                f"{list(shape)} from the metadata")
 
 
-def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
+def _vector(f: GGUFFile, name: str, n: int, why: str = "from the metadata") -> np.ndarray:
+    """A norm weight (or scale) of n finite values, as float32."""
     info = f.tensors[name]
     if info.qtype not in NORM_TYPES:
         raise ModelFormatError(f"{f.path}: tensor '{name}' has type {type_name(info.qtype)}, "
                                f"expected one of {', '.join(NORM_TYPES.values())}")
-    if int(np.prod(info.shape)) != n:
+    if info.n_elements != n:
         raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(info.shape)}, "
-                               f"expected [{n}] from the metadata")
-    return Embedding(f.data(name), info.qtype, 1, n, name).rows_f32(0, 1)[0].copy()
+                               f"expected [{n}] {why}")
+    v = Embedding(f.data(name), info.qtype, 1, n, name).rows_f32(0, 1)[0].copy()
+    _check_finite(f, name, v)
+    return v
+
+
+def _check_finite(f: GGUFFile, name: str, a: np.ndarray, what: str = "") -> None:
+    """Non-finite norms or scales turn every activation into inf/NaN: refuse them at load."""
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        raise ModelFormatError(
+            f"{f.path}: tensor '{name}' holds {bad.size} non-finite {what or 'value'}(s) "
+            f"(first: {a.reshape(-1)[bad[0]]} at flat index {bad[0]}); expected finite numbers")
 
 
 def _embedding(f: GGUFFile, name: str, n_rows: int | None, n_cols: int) -> Embedding:
@@ -219,6 +241,9 @@ def _embedding(f: GGUFFile, name: str, n_rows: int | None, n_cols: int) -> Embed
         want = [n_rows if n_rows else "n_vocab", n_cols]
         raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(info.shape)}, "
                                f"expected {want} from the metadata")
+    if info.shape[0] == 0:
+        raise ModelFormatError(f"{f.path}: tensor '{name}' has shape {list(info.shape)}: no "
+                               "rows; expected one row per vocabulary token")
     return Embedding(f.data(name), info.qtype, info.shape[0], n_cols, name)
 
 
@@ -235,11 +260,12 @@ def _ternary(f: GGUFFile, base: str, n_out: int, k: int) -> Ternary:
     except ValueError as e:
         raise ModelFormatError(f"{f.path}: tensor '{name}': {e}") from None
     f.release(name)  # repacked below: the file's copy need not stay resident
+    _check_finite(f, name, scales, "block scale")
     scales = _collapse_scales(codes, scales)
     if base + ".scale" in f.tensors:
-        extra = Embedding(f.data(base + ".scale"), f.tensors[base + ".scale"].qtype, 1, 1,
-                          base + ".scale").rows_f32(0, 1)[0, 0]
-        scales = scales * np.float32(extra)
+        extra = _vector(f, base + ".scale", 1, "(one scale for the whole matrix)")
+        scales = scales * extra[0]
+        _check_finite(f, base + ".scale", scales, "product with the block scales")
     kp = padded_k(k)
     group = kp if scales.shape[1] == 1 else TQ_GROUP
     return Ternary(pack_codes(codes), np.ascontiguousarray(scales, np.float32), group, k)
