@@ -30,7 +30,8 @@ import gguf_fuzz as gf  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dlmnumba.gguf.synth import TOY_MODEL, write_synthetic  # noqa: E402
+from dlmnumba.model_source import TOY_MODEL  # noqa: E402
+from dlmnumba.synth.models import write_synthetic  # noqa: E402
 
 QTYPES = ("TQ2_0", "TQ1_0", "I2_S")
 

@@ -226,3 +226,21 @@ def test_encode_wants_a_str(synth_model):
     with pytest.raises(TypeError, match="must be a str, got bytes"):
         tok.encode(b"hello")
     assert tok.encode("a\U0001F600b")  # astral characters are valid text
+
+
+# 6, the forward half: finite but huge weights overflow float32 in the pass; the pass stops
+# with a ModelFormatError naming the layer and the norm instead of decoding wrong tokens
+@pytest.mark.parametrize("name, where", [("blk.0.attn_norm.weight", "layer 0's attn_norm"),
+                                         ("blk.1.ffn_sub_norm.weight", "layer 1's ffn_sub_norm"),
+                                         ("output_norm.weight", "final hidden states")])
+def test_huge_finite_norm_overflows_in_the_forward_pass(doc, tmp_path, name, where):
+    t = tensor(doc, name)
+    t.data = np.full(len(t.data) // 4, 3.4e38, np.float32).tobytes()
+    path = save(doc, tmp_path)
+    m = dlmnumba.load_model(path)  # finite: loads
+    with pytest.raises(ModelFormatError, match=f"bad.gguf: .*{where}.* not finite"):
+        m.logits([1, 2, 3])
+    gen = dlmnumba.Generator(m, dlmnumba.DecodeSettings(mode="greedy", block_size=8,
+                                                        max_tokens=4))
+    with pytest.raises(ModelFormatError, match=where):
+        gen.generate([1, 2, 3])

@@ -200,23 +200,25 @@ class Model:
             # attention: [x += res] -> norm -> int8 -> q,k,v -> rope -> cache -> attend ->
             # sub-norm -> int8 -> Wo
             ops.rmsnorm_quantize(q_e, xs, qsum, x, res, L.attn_norm, s.rms_eps)
+            self._check_scales(xs, li, "attn_norm")
             linear(qkv, q_e, L.qkv)
             q = np.ascontiguousarray(qkv[:, :e].reshape(m, s.n_head, hd))
             k = np.ascontiguousarray(qkv[:, e:e + ekv].reshape(m, s.n_head_kv, hd))
             ops.rope_neox(q, cos, sin)
             ops.rope_neox(k, cos, sin)
             attend(li, q, k, qkv[:, e + ekv:].reshape(m, s.n_head_kv, hd))
-            self._check_finite(att, li, "attention")
             ops.rmsnorm_quantize(q_e, xs, qsum, att.reshape(m, e), no_res, L.attn_sub_norm,
                                  s.rms_eps)
+            self._check_scales(xs, li, "attn_sub_norm")
             linear(proj, q_e, L.o)
             # feed-forward: x += Wo out -> norm -> int8 -> gate,up -> act(gate)*up -> sub-norm
             # -> int8 -> Wdown (added to x by the next layer's first kernel)
             ops.rmsnorm_quantize(q_e, xs, qsum, x, proj, L.ffn_norm, s.rms_eps)
+            self._check_scales(xs, li, "ffn_norm")
             linear(gu, q_e, L.gate_up)
             ops.act_rmsnorm_quantize(q_f, xs, qsum, gu, s.n_ff, L.ffn_sub_norm, s.rms_eps, silu)
+            self._check_scales(xs, li, "ffn_sub_norm")
             linear(proj, q_f, L.down)
-            self._check_finite(proj, li, "feed-forward")
             res = proj
         ops.add_inplace(x, res)
         for i, seg in enumerate(segments):
@@ -226,14 +228,19 @@ class Model:
         h = np.ascontiguousarray(x[sel])
         out = np.empty_like(h)
         ops.rmsnorm(out, h, w.output_norm, s.rms_eps)
+        if not np.isfinite(out).all():
+            self._overflow("the final hidden states (output_norm)")
         return out
 
-    def _check_finite(self, a: np.ndarray, layer: int, where: str) -> None:
-        # inf/NaN would quantize to arbitrary int8 and decode to wrong tokens: stop instead
-        if not np.isfinite(a).all():
-            raise ModelFormatError(
-                f"{self.path}: layer {layer}'s {where} produced non-finite values (inf/NaN): "
-                "the model's weights overflow float32 on this input")
+    def _check_scales(self, xs: np.ndarray, layer: int, norm: str) -> None:
+        # a BitLinear input with inf/NaN has no int8 scale (127 / max|x| is 0 or NaN): it would
+        # quantize to arbitrary values and decode to wrong tokens, so stop instead
+        if not (xs > 0).all() or not np.isfinite(xs).all():
+            self._overflow(f"layer {layer}'s {norm} output")
+
+    def _overflow(self, where: str) -> None:
+        raise ModelFormatError(f"{self.path}: {where} is not finite (inf/NaN) on this input: "
+                               "the model's weights overflow float32")
 
     def _outputs(self, segments: Sequence[Segment], plan, h: np.ndarray) -> list:
         """Each segment's output from the hidden states of its wanted rows; the LM head runs
