@@ -96,7 +96,7 @@ class Result:
     cancelled: bool = False  # closed mid-stream on purpose (soak)
     ttft: float | None = None  # first non-empty content
     latency: float | None = None  # [DONE] (streamed) or the whole body (not streamed)
-    tokens: int = 0  # completion tokens: from `usage`, else streamed content chunks
+    tokens: int = 0  # completion tokens: from `usage`, else streamed token chunks
     tokens_exact: bool = False  # tokens came from a usage object
     prompt_tokens: int | None = None
     finish: str | None = None
@@ -119,6 +119,14 @@ def _content(obj: dict, chat: bool) -> str:
     if chat:
         return (ch.get("delta") or ch.get("message") or {}).get("content") or ""
     return ch.get("text") or ""
+
+
+def _token_chunk(obj: dict, chat: bool) -> bool:
+    """A streamed chunk that carries a token's text (maybe empty), not the role or the end."""
+    ch = (obj.get("choices") or [None])[0]
+    if not ch or ch.get("finish_reason"):
+        return False
+    return "content" in (ch.get("delta") or {}) if chat else "text" in ch
 
 
 async def request(http, base: str, path: str, body: dict, out: Result,
@@ -165,12 +173,13 @@ async def request(http, base: str, path: str, body: dict, out: Result,
                     out.prompt_tokens = obj["usage"].get("prompt_tokens")
                     out.tokens_exact = True
                 text = _content(obj, chat)
+                if _token_chunk(obj, chat):
+                    chunks += 1
                 if text:
                     if out.ttft is None:
                         out.ttft = time.perf_counter() - t0
                     parts.append(text)
-                    chunks += 1
-                    if cancel_after_chunks is not None and chunks >= cancel_after_chunks:
+                    if cancel_after_chunks is not None and len(parts) >= cancel_after_chunks:
                         out.cancelled, out.text = True, "".join(parts)
                         return out  # leaving the `async with` closes the connection
                 fr = (obj.get("choices") or [{}])[0].get("finish_reason")
@@ -179,7 +188,7 @@ async def request(http, base: str, path: str, body: dict, out: Result,
         out.latency = time.perf_counter() - t0
         out.text = "".join(parts)
         if not out.tokens_exact:
-            out.tokens = chunks  # llama-cpp-python sends no usage: ~one chunk per token
+            out.tokens = chunks  # llama-cpp-python sends no usage: one chunk per token
         if not done and not out.cancelled:
             out.error = "the stream ended without [DONE]"
             return out
@@ -338,7 +347,9 @@ def llamacpp_server(model: str, threads: int, n_ctx: int) -> Iterator[str]:
     port = free_port()
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", model,
             "--n_threads", str(threads), "--n_threads_batch", str(threads),
-            "--n_ctx", str(n_ctx), "--host", "127.0.0.1", "--port", str(port)]
+            "--n_ctx", str(n_ctx), "--host", "127.0.0.1", "--port", str(port),
+            # by default a new request cuts the streaming one short: serve them one by one
+            "--interrupt_requests", "False"]
     url = f"http://127.0.0.1:{port}"
     with subprocess_server(argv, url + "/v1/models", "llama_cpp.server"):
         yield url

@@ -9,12 +9,13 @@ llama-cpp-python's server on the same GGUF file, driven by the same asyncio load
 
 Targets: `dlmnumba` (our server in this process, one per setting: `ar`, and greedy diffusion
 with 64-token blocks and block attention; max_sequences = the largest concurrency), `llamacpp`
-(`python -m llama_cpp.server`, same file, same threads, in a subprocess on a free port, always
-stopped at the end), or the URL of a running loopback server.  Each of C clients sends
+(`python -m llama_cpp.server`, same file, same threads, `--interrupt_requests False` so that a
+new request waits instead of cutting the streaming one short; in a subprocess on a free port,
+always stopped at the end), or the URL of a running loopback server.  Each of C clients sends
 `--requests-per-client` streaming requests one after another (`/v1/completions`, temperature 0,
 distinct prompts); per request the client times the first non-empty content (TTFT) and [DONE]
 (latency), and takes the completion tokens from the usage chunk (llama-cpp-python sends none:
-there, content chunks are counted, about one per token).  Aggregate tok/s = completion tokens of
+there, its token chunks are counted, one per token).  Aggregate tok/s = completion tokens of
 finished requests / wall time of the measurement.  Random-weight models may stop early at an end
 token: tokens/request is reported beside every row.  Every measurement stops by itself after
 `--duration-limit` seconds (unfinished requests are reported as `cut`).
@@ -385,4 +386,7 @@ def print_verdicts(v, multi: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; servers stopped")

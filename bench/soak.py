@@ -248,4 +248,7 @@ def print_report(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; servers stopped")
