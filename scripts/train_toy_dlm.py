@@ -1056,7 +1056,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workers", type=int, default=-1,
-                    help="processes building batches ahead (-1: 4 on CUDA, 0 on the CPU)")
+                    help="processes building batches ahead (-1: 6 on CUDA, 0 on the CPU)")
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--checkpoint", type=Path, help="checkpoint file (written at the end too)")
     ap.add_argument("--checkpoint-every", type=int, default=0)
@@ -1078,7 +1078,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="skip training: export (and evaluate) a checkpoint")
     args = ap.parse_args(argv)
     if args.workers < 0:
-        args.workers = 4 if pick_device(args.device).type == "cuda" else 0
+        args.workers = 6 if pick_device(args.device).type == "cuda" else 0
     return args
 
 
