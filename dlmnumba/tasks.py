@@ -8,15 +8,24 @@ An answer is right when the generated text, stripped of surrounding white space,
 
 Held-out sets are drawn from their own seeded stream; the training stream skips every prompt of
 every held-out set (`heldout_prompts`), so no test prompt is ever trained on.
+
+Besides the six tasks of the held-out table (`TASKS`, 1-2 digit operands) there are the fresh
+two-digit sets (`FRESH_TASKS`: `add2`, `sub2`, both operands 10-99, carries and borrows as they
+fall): what a user typing a sum is most likely to ask.  `heldout("add2", n, seed)` gives n
+distinct fresh draws for any seed; the sets at TEST_SEED are held out of training like the others.
+The prompt of every task is built by one function (`add_example`, ...), which the trainer's
+curriculum calls with its own operands.
 """
 from __future__ import annotations
 
+import functools
 import random
 import string
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 TASKS = ("add", "sub", "copy", "reverse", "sort", "lookup")
+FRESH_TASKS = ("add2", "sub2")  # two-digit operands only (10-99)
 # Held-out sets: TEST_SEED is scored by `dlmnumba eval`; training excludes all of them.
 TEST_SEED = 1_000_003
 HELDOUT_PER_TASK = 200  # size of the held-out set per task (eval samples from it)
@@ -31,52 +40,84 @@ class Example:
     answer: str
 
 
-def _number(rng: random.Random, max_digits: int) -> int:
+def number(rng: random.Random, max_digits: int) -> int:
     digits = rng.randint(1, max_digits)
     return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
 
 
-def _letters(rng: random.Random, lo: int, hi: int) -> str:
+def letters(rng: random.Random, lo: int, hi: int) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
 
 
-def _add(rng: random.Random) -> Example:
-    a, b = _number(rng, 2), _number(rng, 2)
-    return Example("add", f"What is {a}+{b}?", str(a + b))
+def add_example(a: int, b: int, task: str = "add") -> Example:
+    """The addition a+b."""
+    return Example(task, f"What is {a}+{b}?", str(a + b))
 
 
-def _sub(rng: random.Random) -> Example:
-    a, b = _number(rng, 2), _number(rng, 2)
+def sub_example(a: int, b: int, task: str = "sub") -> Example:
+    """The subtraction of the smaller from the larger operand (answers are never negative)."""
     a, b = max(a, b), min(a, b)
-    return Example("sub", f"What is {a}-{b}?", str(a - b))
+    return Example(task, f"What is {a}-{b}?", str(a - b))
 
 
-def _copy(rng: random.Random) -> Example:
-    s = _letters(rng, 2, 24)
+def copy_example(s: str) -> Example:
+    """Copy a string."""
     return Example("copy", f"Copy: {s}", s)
 
 
-def _reverse(rng: random.Random) -> Example:
-    s = _letters(rng, 2, 16)
+def reverse_example(s: str) -> Example:
+    """Reverse a string."""
     return Example("reverse", f"Reverse: {s}", s[::-1])
 
 
-def _sort(rng: random.Random) -> Example:
-    s = "".join(rng.choice(string.digits) for _ in range(rng.randint(2, 12)))
+def sort_example(s: str) -> Example:
+    """Sort a string of digits."""
     return Example("sort", f"Sort: {s}", "".join(sorted(s)))
+
+
+def lookup_example(pairs: dict[str, str], key: str) -> Example:
+    """Find a key's value: the pairs come first, the query last (the answer follows it)."""
+    text = " ".join(f"{k}={v}" for k, v in pairs.items())
+    return Example("lookup", f"Given {text}, find {key}", pairs[key])
+
+
+def _add(rng: random.Random) -> Example:
+    return add_example(number(rng, 2), number(rng, 2))
+
+
+def _sub(rng: random.Random) -> Example:
+    return sub_example(number(rng, 2), number(rng, 2))
+
+
+def _add2(rng: random.Random) -> Example:
+    return add_example(rng.randint(10, 99), rng.randint(10, 99), "add2")
+
+
+def _sub2(rng: random.Random) -> Example:
+    return sub_example(rng.randint(10, 99), rng.randint(10, 99), "sub2")
+
+
+def _copy(rng: random.Random) -> Example:
+    return copy_example(letters(rng, 2, 24))
+
+
+def _reverse(rng: random.Random) -> Example:
+    return reverse_example(letters(rng, 2, 16))
+
+
+def _sort(rng: random.Random) -> Example:
+    return sort_example("".join(rng.choice(string.digits) for _ in range(rng.randint(2, 12))))
 
 
 def _lookup(rng: random.Random) -> Example:
     keys = rng.sample(string.ascii_lowercase, rng.randint(2, 5))
-    values = [str(_number(rng, 3)) for _ in keys]
-    key = rng.choice(keys)
-    pairs = " ".join(f"{k}={v}" for k, v in zip(keys, values))
-    return Example("lookup", f"Find {key} in {pairs}", values[keys.index(key)])
+    values = [str(number(rng, 3)) for _ in keys]
+    return lookup_example(dict(zip(keys, values)), rng.choice(keys))
 
 
 GENERATORS: dict[str, Callable[[random.Random], Example]] = {
     "add": _add, "sub": _sub, "copy": _copy, "reverse": _reverse, "sort": _sort,
-    "lookup": _lookup}
+    "lookup": _lookup, "add2": _add2, "sub2": _sub2}
 
 
 def check_tasks(tasks) -> tuple[str, ...]:
@@ -84,7 +125,7 @@ def check_tasks(tasks) -> tuple[str, ...]:
     tasks = tuple(tasks)
     for t in tasks:
         if t not in GENERATORS:
-            raise ValueError(f"unknown task {t!r}; expected some of {', '.join(TASKS)}")
+            raise ValueError(f"unknown task {t!r}; expected some of {', '.join(GENERATORS)}")
     return tasks
 
 
@@ -104,9 +145,11 @@ def heldout(task: str, n: int = HELDOUT_PER_TASK, seed: int = TEST_SEED) -> list
     raise RuntimeError(f"task {task!r}: could not draw {n} distinct held-out examples")
 
 
+@functools.lru_cache(maxsize=1)
 def heldout_prompts() -> frozenset[str]:
-    """Every held-out prompt of every task (training skips them)."""
-    return frozenset(ex.prompt for t in TASKS for ex in heldout(t))
+    """Every held-out prompt of every task, fresh two-digit sets included (training skips
+    them)."""
+    return frozenset(ex.prompt for t in TASKS + FRESH_TASKS for ex in heldout(t))
 
 
 def training_stream(seed: int, tasks=TASKS, weights=None) -> Iterator[Example]:

@@ -19,13 +19,13 @@ def oracle_answer(prompt: str) -> str:
         return "".join(reversed(m.group(1)))
     if m := re.fullmatch(r"Sort: (\d+)", prompt):
         return "".join(sorted(m.group(1)))
-    if m := re.fullmatch(r"Find ([a-z]) in ((?:[a-z]=\d+ ?)+)", prompt):
-        pairs = dict(p.split("=") for p in m.group(2).split())
-        return pairs[m.group(1)]
+    if m := re.fullmatch(r"Given ((?:[a-z]=\d+ ?)+), find ([a-z])", prompt):
+        pairs = dict(p.split("=") for p in m.group(1).split())
+        return pairs[m.group(2)]
     raise AssertionError(f"unparseable prompt {prompt!r}")
 
 
-@pytest.mark.parametrize("task", T.TASKS)
+@pytest.mark.parametrize("task", T.TASKS + T.FRESH_TASKS)
 def test_heldout_answers_match_an_independent_solver(task):
     exs = T.heldout(task, 100)
     assert len({e.prompt for e in exs}) == 100
@@ -36,7 +36,8 @@ def test_heldout_answers_match_an_independent_solver(task):
 
 def test_training_stream_never_yields_heldout_prompts_and_covers_every_task():
     banned = T.heldout_prompts()
-    assert len(banned) == len(T.TASKS) * T.HELDOUT_PER_TASK
+    assert banned == {e.prompt for t in T.TASKS + T.FRESH_TASKS for e in T.heldout(t)}
+    assert len(banned) > (len(T.TASKS) + 1) * T.HELDOUT_PER_TASK  # add2 overlaps add a little
     seen = list(itertools.islice(T.training_stream(0), 3000))
     assert not {e.prompt for e in seen} & banned
     assert {e.task for e in seen} == set(T.TASKS)
@@ -51,6 +52,19 @@ def _unfiltered():
     rng = random.Random(0)
     while True:
         yield T.GENERATORS[rng.choice(T.TASKS)](rng)
+
+
+@pytest.mark.parametrize("task, op", [("add2", "+"), ("sub2", "-")])
+def test_fresh_two_digit_sets_have_two_digit_operands_and_depend_on_the_seed(task, op):
+    exs = T.heldout(task, 200, seed=7)
+    assert len({e.prompt for e in exs}) == 200 and all(e.task == task for e in exs)
+    ops = [tuple(map(int, re.fullmatch(rf"What is (\d+){re.escape(op)}(\d+)\?", e.prompt).groups()))
+           for e in exs]
+    assert all(10 <= a <= 99 and 10 <= b <= 99 for a, b in ops)
+    assert all(oracle_answer(e.prompt) == e.answer for e in exs)
+    carries = [(a % 10 + b % 10 >= 10) if op == "+" else (a % 10 < b % 10) for a, b in ops]
+    assert 0.3 < sum(carries) / len(carries) < 0.6  # carries / borrows as they fall (~45%)
+    assert {e.prompt for e in T.heldout(task, 200, seed=8)} != {e.prompt for e in exs}
 
 
 def test_answers_span_several_lengths_and_subtraction_is_never_negative():

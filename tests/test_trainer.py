@@ -1,0 +1,90 @@
+"""scripts/train_toy_dlm.py: a resumed run equals an uninterrupted one bit for bit, batches are
+a pure function of (seed, step), the fast encoder equals the tokenizer, and the torch-side
+decoder that chooses the recommended settings decodes as the engine does."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlmnumba import tasks as T
+
+torch = pytest.importorskip("torch")
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_toy_dlm.py"
+TINY = ["--n-embd", "64", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--n-ff", "128",
+        "--batch", "8", "--steps", "6", "--ar-frac", "0.34", "--ar-every", "2", "--warmup", "2",
+        "--curriculum", "0.5", "--threads", "1", "--device", "cpu", "--workers", "0",
+        "--eval-n", "0"]
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    spec = importlib.util.spec_from_file_location("train_toy_dlm", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_resumed_run_equals_an_uninterrupted_one(trainer, tmp_path):
+    whole, reached = trainer.train(trainer.parse_args(TINY))
+    assert reached == 6
+    ck = tmp_path / "ck.pt"
+    half, reached = trainer.train(trainer.parse_args(TINY + ["--checkpoint", str(ck),
+                                                             "--stop-at", "3"]))
+    assert reached == 3
+    resumed, reached = trainer.train(trainer.parse_args(TINY + ["--resume", str(ck)]))
+    assert reached == 6
+    a, b, c = whole.state_dict(), resumed.state_dict(), half.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the second half did train
+    with pytest.raises(SystemExit, match="steps=6"):
+        trainer.train(trainer.parse_args(TINY[:-2] + ["--eval-n", "0", "--steps", "7",
+                                                      "--resume", str(ck)]))
+
+
+def test_batches_are_a_pure_function_of_seed_and_step_and_skip_heldout_prompts(trainer):
+    cfg = trainer.data_config(trainer.parse_args(TINY + ["--batch", "64"]))
+    for step in (0, 2, 5):  # ar, and diffusion steps
+        a, b = trainer.make_batch(cfg, step), trainer.make_batch(cfg, step)
+        assert a.kind == b.kind and np.array_equal(a.ids, b.ids) and a.block == b.block
+        assert (a.masked is None) == (a.kind == "ar") and np.array_equal(
+            a.masked if a.masked is not None else 0, b.masked if b.masked is not None else 0)
+    enc = trainer.Encoder()
+    banned = T.heldout_prompts()
+    for step in range(6):
+        bt = trainer.make_batch(cfg, step)
+        for ids, p in zip(bt.ids, bt.plen):
+            text = enc.decode(ids[len(enc.head):p - len(enc.tail)])
+            assert text not in banned
+
+
+def test_fast_encoder_equals_the_tokenizer(trainer):
+    cfg = trainer.data_config(trainer.parse_args(TINY))
+    trainer.Encoder().check(trainer.eval_sets(20) +
+                            [trainer.make_batch_example(cfg, i) for i in range(200)])
+
+
+def test_torch_decoder_decodes_as_the_engine(trainer):
+    import dlmnumba
+    from dlmnumba.decode.scheduler import DecodeSettings, Generator
+    from dlmnumba.gguf.synth import TOY_MODEL
+
+    torch.set_num_threads(1)
+    ref = trainer.load_gguf(TOY_MODEL)
+    model = dlmnumba.load_model(str(TOY_MODEL), threads=1)
+    enc = trainer.Encoder()
+    exs = [ex for t in T.TASKS for ex in T.heldout(t, 2)]
+    prompts = [enc.prompt(e.prompt) for e in exs]
+    for mode, kw in (("ar", {}), ("iterative", dict(block_size=16, small_block_size=8,
+                                                    threshold=0.7))):
+        outs, passes = trainer.torch_decode(ref, prompts, mode, kw.get("block_size", 32),
+                                            kw.get("small_block_size", 8),
+                                            kw.get("threshold", 0.9), enc=enc)
+        gen = Generator(model, DecodeSettings(mode=mode, max_tokens=48, **kw))
+        got = [gen.generate(p) for p in prompts]
+        # near-ties may round either way between the two float evaluation orders
+        assert sum(enc.decode(o).strip() == g.text.strip() for o, g in zip(outs, got)) \
+            >= len(exs) - 1
+        assert sum(p == g.stats.forward_passes for p, g in zip(passes, got)) >= len(exs) - 1
