@@ -155,7 +155,8 @@ async def request(http, base: str, path: str, body: dict, out: Result,
         chunks, parts, done = 0, [], False
         async with http.stream("POST", base + path, json=body) as r:
             if r.status_code != 200:
-                out.error = f"HTTP {r.status_code}: {(await r.aread())[:200].decode(errors='replace')}"
+                head = (await r.aread())[:200].decode(errors="replace")
+                out.error = f"HTTP {r.status_code}: {head}"
                 return out
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):

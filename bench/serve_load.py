@@ -1,11 +1,11 @@
 """Load test of OpenAI-compatible servers: dlmnumba (`ar`, greedy diffusion) against
 llama-cpp-python's server on the same GGUF file, driven by the same asyncio load generator.
 
-    python bench/serve_load.py                          # built-in 2B-4T-shaped model, 1/4/16 clients
+    python bench/serve_load.py                       # built-in 2B-4T-shaped model, 1/4/16 clients
     python bench/serve_load.py --preset tiny --concurrency 1,4 --max-tokens 8   # quick check
     python bench/serve_load.py --target dlmnumba --settings ar --concurrency 16 --json out.json
     python bench/serve_load.py --target http://127.0.0.1:8000 --url-settings greedy
-    python bench/serve_load.py --multi-turn 4            # chat TTFT per turn, prefix cache on/off
+    python bench/serve_load.py --multi-turn 4        # chat TTFT per turn, prefix cache on/off
 
 Targets: `dlmnumba` (our server in this process, one per setting: `ar`, and greedy diffusion
 with 64-token blocks and block attention; max_sequences = the largest concurrency), `llamacpp`
@@ -136,7 +136,8 @@ def warm_up(url: str, extra: dict, chat: bool) -> None:
 
 # -- printing -----------------------------------------------------------------------------------
 HEADER = (f"{'target':<10}{'setting':<9}{'C':>4}{'req':>5}{'err':>4}{'cut':>4}{'tok/req':>8}"
-          f"{'tok/s':>9}{'vs llama':>9}   {'TTFT p50 / p99 (s)':>19}   {'latency p50 / p99 (s)':>21}")
+          f"{'tok/s':>9}{'vs llama':>9}   {'TTFT p50 / p99 (s)':>19}"
+          f"   {'latency p50 / p99 (s)':>21}")
 
 
 def _label(target: str) -> str:

@@ -241,7 +241,8 @@ def print_report(r: dict) -> None:
     print(f"RSS start {mb(r['rss_start_kb'])}, end {mb(r['rss_end_kb'])}, peak "
           f"{mb(r['rss_peak_kb'])}, growth {mb(r['rss_growth_kb'])} "
           f"({'flat' if r['rss_flat'] else 'NOT flat'}: limit +{FLAT_GROWTH:.0%} + "
-          f"{FLAT_SLACK_KB // 1024} MiB); growth over the second half {mb(r['rss_growth_second_half_kb'])}")
+          f"{FLAT_SLACK_KB // 1024} MiB); growth over the second half "
+          f"{mb(r['rss_growth_second_half_kb'])}")
     print(f"  samples: {series}")
     print(f"after the run: running sequences {r['running_after']}, waiting "
           f"{r['waiting_after']} ({'all slots free' if r['slots_free'] else 'SLOTS LEAKED'})")

@@ -69,7 +69,7 @@ def test_fast_encoder_equals_the_tokenizer(trainer):
 def test_torch_decoder_decodes_as_the_engine(trainer):
     import dlmnumba
     from dlmnumba.decode.scheduler import DecodeSettings, Generator
-    from dlmnumba.gguf.synth import TOY_MODEL
+    from dlmnumba.model_source import TOY_MODEL
 
     torch.set_num_threads(1)
     ref = trainer.load_gguf(TOY_MODEL)
