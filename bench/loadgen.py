@@ -152,7 +152,7 @@ async def request(http, base: str, path: str, body: dict, out: Result,
             out.prompt_tokens = use.get("prompt_tokens")
             out.ok = True
             return out
-        chunks, parts, done = 0, [], False
+        chunks, parts, done, server_ttft = 0, [], False, None
         async with http.stream("POST", base + path, json=body) as r:
             if r.status_code != 200:
                 head = (await r.aread())[:200].decode(errors="replace")
@@ -171,6 +171,7 @@ async def request(http, base: str, path: str, body: dict, out: Result,
                     return out
                 if obj.get("usage"):
                     out.tokens = int(obj["usage"].get("completion_tokens") or 0)
+                    server_ttft = obj["usage"].get("time_to_first_token_s")
                     out.prompt_tokens = obj["usage"].get("prompt_tokens")
                     out.tokens_exact = True
                 text = _content(obj, chat)
@@ -188,6 +189,8 @@ async def request(http, base: str, path: str, body: dict, out: Result,
                     out.finish = fr
         out.latency = time.perf_counter() - t0
         out.text = "".join(parts)
+        if server_ttft is not None:  # dlmnumba reports it: a random model's first tokens may
+            out.ttft = server_ttft   # detokenize to nothing, so the client cannot see them
         if not out.tokens_exact:
             out.tokens = chunks  # llama-cpp-python sends no usage: one chunk per token
         if not done and not out.cancelled:

@@ -36,14 +36,10 @@ HERE = Path(__file__).resolve().parent
 
 
 def default_model() -> str:
-    from dlmnumba.model_source import default_model_path
-    from dlmnumba.synth.models import write_synthetic
+    """The built-in default model (2B-4T shapes, TQ2_0), written once to the user cache."""
+    from dlmnumba.model_source import resolve_model_path
 
-    path, spec = default_model_path()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_synthetic(path, progress=True, **spec)
-    return str(path)
+    return str(resolve_model_path(None, "bench", progress=True))
 
 
 def toy_schedule(n_per_task: int) -> list[int]:

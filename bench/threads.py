@@ -26,16 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def default_model() -> str:
     """The built-in default model (2B-4T shapes, TQ2_0), written once to the user cache."""
-    from dlmnumba.model_source import default_model_path
-    from dlmnumba.synth.models import write_synthetic
+    from dlmnumba.model_source import resolve_model_path
 
-    path, spec = default_model_path()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        write_synthetic(path, **spec)
-        print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return str(path)
+    return str(resolve_model_path(None, "bench", progress=True))
 
 
 def main() -> None:

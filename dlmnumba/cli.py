@@ -161,7 +161,7 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
 DECODE_OPTION_KEYS = (
     "model_path", "dlm.decode_mode", "dlm.block_size", "dlm.small_block_size", "dlm.threshold",
     "dlm.max_iterations_per_block", "dlm.mask_token_id", "dlm.attention", "dlm.kv_commit",
-    "dlm.dual_cache",
+    "dlm.dual_cache", "dlm.confidence",
     "threads", "kernel", "lm_head", "sampling.temperature", "sampling.top_k", "sampling.top_p",
     "sampling.seed",
 )
@@ -311,7 +311,9 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
 
 SERVE_KEYS = ("host", "port", "api_key", "max_request_bytes", "scheduler.max_sequences",
               "scheduler.max_waiting", "scheduler.enable_radix_cache",
-              "scheduler.radix_cache_max_tokens")
+              "scheduler.radix_cache_max_tokens", "cluster.backend", "cluster.replicas",
+              "cluster.threads_per_replica", "cluster.max_replicas",
+              "cluster.ray_address")
 
 
 def _setting_options(keys):
@@ -332,38 +334,32 @@ def serve(log_level: str, **opts) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, prefix cache).
 
     Without --model it serves the bundled toy model, like `generate`.  Ctrl-C stops it."""
-    from .model_source import open_model
-    from .server.app import ServerOptions, ServerState, create_app
-    from .server.run import serve_forever
-
-    extra = {SETTINGS[k].key: opts.pop(SETTINGS[k].param) for k in SERVE_KEYS}
-    cfg = _load_config(opts, "sampling.max_tokens", extra)
-    sc = cfg.scheduler
-    state = ServerState(ServerOptions(
-        model_name=Path(cfg.model_path).stem if cfg.model_path else "toy-dlm",
-        api_key=cfg.api_key, max_sequences=sc.max_sequences, max_waiting=sc.max_waiting,
-        max_body_bytes=cfg.max_request_bytes,
-        prefix_cache_tokens=sc.radix_cache_max_tokens if sc.enable_radix_cache else 0,
-        default_max_tokens=cfg.sampling.max_tokens))
+    import dataclasses
 
     from .gguf.reader import GGUFFile
     from .gguf.spec import ModelSpec
-    from .model_source import resolve_model_path
+    from .model_source import recommended_settings, resolve_model_path
 
+    extra = {SETTINGS[k].key: opts.pop(SETTINGS[k].param) for k in SERVE_KEYS}
+    cfg = _load_config(opts, "sampling.max_tokens", extra)
     path = resolve_model_path(cfg.model_path, "toy", note=_note)
-    ModelSpec.from_metadata(GGUFFile(str(path)).metadata, str(path))  # a bad file fails here
+    meta = GGUFFile(str(path)).metadata
+    ModelSpec.from_metadata(meta, str(path))  # a bad file fails here, before serving
+    rec = recommended_settings(meta, str(path))
+    if rec:
+        cfg = _load_config(opts, "sampling.max_tokens", extra, rec)
+    cfg = dataclasses.replace(cfg, model_path=str(path))
+    host_note = ("" if cfg.host in ("127.0.0.1", "localhost", "::1")
+                 else " (reachable from other machines)")
+    if cfg.cluster.backend == "ray":
+        from .cluster.ray_serve import serve_ray
 
-    def load():
-        m = open_model(cfg, "toy", progress=False)
-        state.settings = _generator(m, _for_model(cfg, m, opts, "sampling.max_tokens", extra),
-                                    cfg.sampling.max_tokens).settings
-        return m
+        serve_ray(cfg, log_level, note=_note)
+        return
+    from .server.build import serve_local
 
-    host_note = "" if cfg.host in ("127.0.0.1", "localhost", "::1") else \
-        " (reachable from other machines)"
-    click.echo(f"serving on http://{cfg.host}:{cfg.port}{host_note}; loading the model ...",
-               err=True)
-    serve_forever(create_app(state, load), cfg.host, cfg.port, log_level)
+    _note(f"serving on http://{cfg.host}:{cfg.port}{host_note}; loading the model ...")
+    serve_local(cfg, log_level)
 
 
 @main.command("eval")
@@ -406,6 +402,7 @@ def eval_(tasks, n_per_task, json_path, show_failures, **opts) -> None:
     desc = (f"mode {d.decode_mode}, block {d.block_size}"
             + (f", small block {d.small_block_size}, threshold {d.threshold}"
                + (", dual cache" if d.dual_cache else "")
+               + (f", {d.confidence} confidence" if d.confidence != "exact" else "")
                if d.decode_mode in REFINING_MODES else "")
             + f", attention {d.attention}, kv_commit {d.kv_commit}, {m.threads} threads, "
               f"model {Path(m.path).name}")

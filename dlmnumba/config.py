@@ -43,9 +43,10 @@ def _section_class(section: str) -> type:
 DlmConfig = _section_class("dlm")
 SamplingConfig = _section_class("sampling")
 SchedulerConfig = _section_class("scheduler")
+ClusterConfig = _section_class("cluster")
 BenchmarkConfig = _section_class("benchmark")
 _SECTION_CLASSES = {"dlm": DlmConfig, "sampling": SamplingConfig, "scheduler": SchedulerConfig,
-                    "benchmark": BenchmarkConfig}
+                    "cluster": ClusterConfig, "benchmark": BenchmarkConfig}
 assert tuple(_SECTION_CLASSES) == tuple(SECTIONS)
 Config = dataclasses.make_dataclass(
     "Config",

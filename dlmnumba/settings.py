@@ -149,6 +149,11 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("dlm.dual_cache", bool, False, "iterative/adaptive: refinement passes run only the "
             "current sub-block against the cached prefix and the block's other positions' K/V "
             "from their latest pass (Fast-dLLM DualCache; an approximation inside the block)."),
+    Setting("dlm.confidence", str, "exact", "How iterative/adaptive compute the confidence they "
+            "threshold: exact = the softmax of the full exact LM head; screened = the exact head's "
+            "argmax through the int8 screen, its probability from the screened rows' exact and "
+            "the other rows' int8 logits (F16 embeddings; much cheaper, ~1e-3 relative off).",
+            choices=("exact", "screened")),
     Setting("dlm.kv_commit", str, "normal", "normal: the KV cache holds real tokens only; none: "
             "the seed's stale-mask scheduling (speed comparisons only, lower quality).",
             choices=("normal", "none")),
@@ -170,6 +175,20 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("scheduler.radix_cache_max_tokens", int, 8192, "Most tokens kept in the prefix "
             "cache (K/V in float32: n_layer x n_embd_kv x 8 bytes a token, 154 KB for BitNet "
             "2B-4T).", check=POSITIVE),
+    Setting("cluster.backend", str, "local", "serve: local = one process on this machine; ray = "
+            "replicas of the same server as a Ray Serve deployment (pip install -e '.[cluster]').",
+            choices=("local", "ray")),
+    Setting("cluster.replicas", int, 1, "Ray: replicas (each loads the model once); with "
+            "max_replicas, the fewest the autoscaler keeps.", check=POSITIVE),
+    Setting("cluster.threads_per_replica", int, None, "Ray: compute threads of each replica; "
+            "unset (null) = the node's physical cores divided by its replicas.", nullable=True,
+            check=at_least(1)),
+    Setting("cluster.max_replicas", int, None, "Ray: autoscale between replicas and "
+            "max_replicas on ongoing requests per replica; unset (null) = a fixed count.",
+            nullable=True, check=at_least(1)),
+    Setting("cluster.ray_address", str, None, "Ray: the cluster to join ('auto', or host:port of "
+            "a `ray start --head`); unset (null) = start a local Ray on 127.0.0.1.",
+            nullable=True, check=NON_EMPTY),
     Setting("benchmark.iterations", int, 50, "Timed requests, run one after another.",
             check=POSITIVE),
     Setting("benchmark.warmup", int, 3, "Untimed warm-up requests before them (the JIT compile "
@@ -183,7 +202,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in SETTINGS_LIST}
 
 # Section name -> its help text (the YAML comment above it), in file order.
 SECTIONS: dict[str, str] = {"dlm": "Diffusion decoding.", "sampling": "Sampling.",
-                            "scheduler": "Scheduler.", "benchmark": "Benchmark (dlmnumba bench)."}
+                            "scheduler": "Scheduler.",
+                            "cluster": "Scale-out (dlmnumba serve --backend ray).",
+                            "benchmark": "Benchmark (dlmnumba bench)."}
 
 # DecodeSettings field (and its Sampling's) -> the setting that defines it.
 DECODE_KEYS: dict[str, str] = {
@@ -191,6 +212,7 @@ DECODE_KEYS: dict[str, str] = {
     "small_block_size": "dlm.small_block_size", "threshold": "dlm.threshold",
     "max_iterations_per_block": "dlm.max_iterations_per_block", "attention": "dlm.attention",
     "kv_commit": "dlm.kv_commit", "dual_cache": "dlm.dual_cache",
+    "confidence": "dlm.confidence",
     "mask_token_id": "dlm.mask_token_id",
     "max_tokens": "sampling.max_tokens", "temperature": "sampling.temperature",
     "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
@@ -305,6 +327,10 @@ def check_together(values: Mapping[str, Any], sources: Mapping[str, str] | str) 
     def src(key: str) -> str:
         return sources if isinstance(sources, str) else sources[key]
 
+    lo, hi = "cluster.replicas", "cluster.max_replicas"
+    if values.get(lo) is not None and values.get(hi) is not None and values[lo] > values[hi]:
+        raise ConfigError(f"'{lo}' ({values[lo]}, from {src(lo)}) must be <= '{hi}' "
+                          f"({values[hi]}, from {src(hi)})")
     block, small = "dlm.block_size", "dlm.small_block_size"
     mode = values.get("dlm.decode_mode")
     if block in values and small in values and (mode is None or mode in REFINING_MODES):

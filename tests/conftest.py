@@ -18,3 +18,19 @@ def synth_model(tmp_path_factory):
         return str(made[key])
 
     return make
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    """scripts/train_toy_dlm.py as a module (torch required: the tests using it skip without)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("torch")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_toy_dlm.py"
+    spec = importlib.util.spec_from_file_location("train_toy_dlm", script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod

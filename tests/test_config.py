@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dlmnumba.settings import SECTIONS
 from dlmnumba.config import (ENV_VARS, Config, DlmConfig, config_to_dict, dump_config,
                              generate_config_text, load_config)
 from dlmnumba.errors import ConfigError, DlmError
@@ -74,10 +75,12 @@ def test_defaults_equal_dataclass_defaults_and_spec():
         "kernel": "auto", "lm_head": "exact",
         "dlm": {"block_size": 64, "small_block_size": 8, "threshold": 0.9, "mask_token_id": None,
                 "max_iterations_per_block": 10, "decode_mode": "greedy", "attention": "block",
-                "dual_cache": False, "kv_commit": "normal"},
+                "dual_cache": False, "confidence": "exact", "kv_commit": "normal"},
         "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "max_tokens": 128},
         "scheduler": {"max_sequences": 16, "max_waiting": 256, "enable_radix_cache": True,
                       "radix_cache_max_tokens": 8192},
+        "cluster": {"backend": "local", "replicas": 1, "threads_per_replica": None,
+                    "max_replicas": None, "ray_address": None},
         "benchmark": {"iterations": 50, "warmup": 3, "max_tokens": 128,
                       "prompt": "What is the meaning of life?"},
     }
@@ -276,7 +279,7 @@ def test_generated_text_loads_back_to_defaults(tmp_path):
 def test_generated_text_comments_every_key():
     lines = generate_config_text().splitlines()
     keys = [i for i, line in enumerate(lines) if line and not line.lstrip().startswith("#")]
-    assert len(keys) == len(_flat(config_to_dict(Config()))) + 4  # leaves + section headers
+    assert len(keys) == len(_flat(config_to_dict(Config()))) + len(SECTIONS)  # + section headers
     for i in keys:
         assert lines[i - 1].lstrip().startswith("#"), lines[i]
         assert len(lines[i - 1]) <= 100

@@ -137,3 +137,17 @@ def test_passes_compute_only_the_rows_they_decide(tiny, monkeypatch):
         else:
             assert all(t == 16 for t, _ in sizes[1:8])
         assert sizes[8] == (32, 8)  # next block: the finished block 0..15 and its own 16..23
+
+
+@pytest.mark.parametrize("confidence, output", [("exact", Output.ARGMAX_EXACT),
+                                                ("screened", Output.ARGMAX)])
+def test_confidence_setting_chooses_the_head_output(tiny, confidence, output):
+    """iterative/adaptive ask the LM head for the exact confidence, or for the screened one
+    (the exact argmax, a confidence from screened rows); greedy never needs it."""
+    for mode in ("iterative", "adaptive"):
+        req = _gen(tiny, mode=mode, confidence=confidence, max_tokens=8).request(PROMPT)
+        assert req.next_pass().output is output
+    greedy = Generator(tiny, DecodeSettings(mode="greedy", confidence="exact")).request(PROMPT)
+    assert greedy.next_pass().output is Output.ARGMAX
+    out = _gen(tiny, confidence=confidence, max_tokens=12).generate(PROMPT)
+    assert len(out.tokens) == 12 and tiny.spec.mask_id not in out.tokens

@@ -1,9 +1,6 @@
 """The bundled toy block-diffusion model: export parity with its PyTorch definition, and accuracy
 floors that a broken token shift, attention mask or KV cache falls far below."""
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,16 +11,6 @@ from dlmnumba.decode.scheduler import DecodeSettings, Generator
 from dlmnumba.model_source import TOY_MODEL
 
 torch = pytest.importorskip("torch")
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_toy_dlm.py"
-
-
-@pytest.fixture(scope="module")
-def trainer():
-    spec = importlib.util.spec_from_file_location("train_toy_dlm", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _compare(ours: np.ndarray, ref: np.ndarray) -> None:

@@ -1,9 +1,6 @@
 """scripts/train_toy_dlm.py: a resumed run equals an uninterrupted one bit for bit, batches are
 a pure function of (seed, step), the fast encoder equals the tokenizer, and the torch-side
 decoder that chooses the recommended settings decodes as the engine does."""
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,20 +8,10 @@ import pytest
 from dlmnumba import tasks as T
 
 torch = pytest.importorskip("torch")
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_toy_dlm.py"
 TINY = ["--n-embd", "64", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--n-ff", "128",
         "--batch", "8", "--steps", "6", "--ar-frac", "0.34", "--ar-every", "2", "--warmup", "2",
         "--curriculum", "0.5", "--threads", "1", "--device", "cpu", "--workers", "0",
         "--eval-n", "0"]
-
-
-@pytest.fixture(scope="module")
-def trainer():
-    spec = importlib.util.spec_from_file_location("train_toy_dlm", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_resumed_run_equals_an_uninterrupted_one(trainer, tmp_path):

@@ -295,7 +295,7 @@ class DiffusionRequest(Request):
         b.pos0 = pos0
         b.in_pass = row_pos >= pos0
         return self._segment(seq, pos0, self.mask, (row_pos[b.in_pass] - pos0).tolist(),
-                             self.policy.needs_confidence)
+                             self.policy.needs_confidence and EXACT_CONFIDENCE[s.confidence])
 
     # -- dual cache (Fast-dLLM): the block's K/V from the latest pass that computed each ------
     def _load_block_kv(self, start: int, lo: int, hi: int) -> None:
@@ -378,6 +378,8 @@ class DiffusionRequest(Request):
 
 # attention setting -> the mask of a block size
 ATTENTIONS = {"block": AttentionMask.block, "causal": lambda block_size: CAUSAL_MASK}
+# confidence setting -> whether the LM head computes the confidence exactly (model/heads.py)
+EXACT_CONFIDENCE = {"exact": True, "screened": False}
 # kv_commit setting -> the request class of the diffusion modes
 KV_COMMITS = {"normal": DiffusionRequest, "none": SeedReplayRequest}
 AR_MODE = "ar"  # the one mode that is not a diffusion policy

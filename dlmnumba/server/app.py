@@ -278,9 +278,9 @@ async def _tokens(state: ServerState, handle, stopper: StopMatcher, poll=None
             return
 
 
-def _usage(handle) -> dict[str, int]:
+def _usage(handle) -> dict[str, Any]:
     st = handle.request.stats
-    return P.usage(st.prompt_tokens, len(handle.request.out), st.forward_passes)
+    return P.usage(st.prompt_tokens, len(handle.request.out), st.forward_passes, st.ttft_s)
 
 
 async def _collect(state, handle, stopper, rid, name, chat, http: HttpRequest):

@@ -63,7 +63,8 @@ class ChatMessage(BaseModel):
 
 # body field -> decode setting it sets (validated by dlmnumba.settings like CLI and YAML)
 DECODE_FIELDS = ("mode", "block_size", "small_block_size", "threshold",
-                 "max_iterations_per_block", "attention", "kv_commit", "dual_cache", "top_k")
+                 "max_iterations_per_block", "attention", "kv_commit", "dual_cache", "confidence",
+                 "top_k")
 
 
 class _Common(BaseModel):
@@ -97,6 +98,7 @@ class _Common(BaseModel):
     attention: StrictStr | None = None
     kv_commit: StrictStr | None = None
     dual_cache: StrictBool | None = None
+    confidence: StrictStr | None = None
     top_k: StrictInt | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -181,10 +183,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int, forward_passes: int) -> dict[str, int]:
-    """OpenAI's usage object, plus the forward passes the reply took (a diffusion figure)."""
+def usage(prompt_tokens: int, completion_tokens: int, forward_passes: int,
+          ttft_s: float) -> dict[str, Any]:
+    """OpenAI's usage object, plus the forward passes the reply took (a diffusion figure) and
+    the server's time from the request's arrival to its first committed token."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "forward_passes": forward_passes}
+            "total_tokens": prompt_tokens + completion_tokens, "forward_passes": forward_passes,
+            "time_to_first_token_s": round(ttft_s, 4)}
 
 
 def chat_response(rid: str, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:
