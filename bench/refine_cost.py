@@ -11,7 +11,8 @@ shape, in one run.
    - "full block, sub-block rows": the whole block, the head for the sub-block only (today
      without the dual cache);
    - "dual cache": the sub-block and the row before it (9 tokens) against the prefix and the
-     block's other positions' cached K/V, head for the sub-block;
+     block's other positions' cached K/V, head for the sub-block (exact confidence, and the
+     screened confidence: the exact argmax through the int8 screen);
    - an `ar` step against the same prefix.
 2. End-to-end generated tok/s of iterative 0.9 (block 32 / sub-block 8, 128 tokens) with a
    forced commit schedule: random weights give meaningless confidences, so the bundled toy
@@ -104,6 +105,10 @@ def end_to_end(model_path: str, schedule: list[int], iterations: int, threads: i
         runs["iterative 0.9, dual cache"] = dict(mode="iterative", block_size=32,
                                                  small_block_size=8, threshold=0.9,
                                                  dual_cache=True)
+    if "confidence" in DecodeSettings.__dataclass_fields__:
+        runs["iterative 0.9, dual cache, screened confidence"] = dict(
+            mode="iterative", block_size=32, small_block_size=8, threshold=0.9,
+            dual_cache=True, confidence="screened")
     out = {}
     for name, kw in runs.items():
         gen = Generator(m, DecodeSettings(max_tokens=128, **kw))
@@ -180,10 +185,17 @@ def pass_costs(model_path: str, threads: int, repeats: int) -> list[dict]:
             return Segment(content[lo:hi], cache, pos[lo:hi], mask, [i - 1 - lo for i in cur],
                            Output.ARGMAX_EXACT, mask_id)
         dual_ms = timed(dual)
+
+        def dual_screened():
+            seg = dual()
+            seg.output = Output.ARGMAX
+            return seg
+        dual_screened_ms = timed(dual_screened)
         ar_ms = timed(lambda: Segment([5], cache, [start], AttentionMask(), [0], Output.ARGMAX,
                                       mask_id))
         rows.append({"block": block, "sub_block": sub, "full_block_all_rows_ms": full_all,
                      "full_block_sub_rows_ms": full_sub, "dual_cache_ms": dual_ms,
+                     "dual_cache_screened_ms": dual_screened_ms,
                      "ar_step_ms": ar_ms})
     return rows
 
@@ -212,11 +224,11 @@ def main() -> None:
     costs = pass_costs(path, args.threads, args.repeats)
     print(f"\nms per pass ({args.threads} threads), after a prefix of ~100 tokens:")
     print(f"{'block/sub':>10}{'full, all rows':>16}{'full, sub rows':>16}{'dual cache':>12}"
-          f"{'ar step':>10}")
+          f"{'dual, screened':>16}{'ar step':>10}")
     for r in costs:
         print(f"{r['block']:>6}/{r['sub_block']:<3}{r['full_block_all_rows_ms']:>16.1f}"
               f"{r['full_block_sub_rows_ms']:>16.1f}{r['dual_cache_ms']:>12.1f}"
-              f"{r['ar_step_ms']:>10.1f}")
+              f"{r['dual_cache_screened_ms']:>16.1f}{r['ar_step_ms']:>10.1f}")
     e2e = end_to_end(path, schedule, args.iterations, args.threads, "dlmnumba.decode.policies")
     if args.baseline_tree:
         spec = json.dumps({"model": path, "schedule": schedule, "iterations": args.iterations,

@@ -4,8 +4,8 @@
     python scripts/confidence_agreement.py -n 100
 
 The screened confidence (`--confidence screened`) exists for F16 embeddings (the int8 screen
-rescores only the rows that can win), so the bundled toy model (F32 embedding) is copied with
-its embedding rounded to F16; on that copy every held-out example is decoded with the exact and
+rescores only the rows that can win), so the bundled toy model (F32 embedding) gets an LM head
+over its embedding rounded to F16; then every held-out example is decoded with the exact and
 with the screened confidence, for iterative and adaptive at several thresholds, with and
 without the dual cache.  Reported per setting: examples whose generated tokens and forward-pass
 counts are identical, and the accuracy of each.  Identical tokens and pass counts mean every
@@ -16,12 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 SETTINGS = [
     ("iterative 0.5, block 32 / 8", dict(mode="iterative", block_size=32, threshold=0.5)),
@@ -31,18 +29,19 @@ SETTINGS = [
 ]
 
 
-def f16_copy(dst: Path) -> str:
-    """The toy model with its (tied) embedding stored as F16."""
-    import gguf
+def with_f16_head(m) -> None:
+    """Give the loaded model an LM head over its embedding rounded to F16 (the exact F16 head
+    with its int8 screen, as a BitNet 2B-4T file has); the input embedding stays as stored."""
     import numpy as np
 
-    from gguf_edit import rewrite
-    from dlmnumba.model_source import TOY_MODEL
+    from dlmnumba.model.heads import make_head
+    from dlmnumba.model.weights import F16, Embedding
 
-    r = gguf.GGUFReader(str(TOY_MODEL))
-    emb = next(t for t in r.tensors if t.name == "token_embd.weight")
-    e = np.array(emb.data, dtype=np.float32).reshape(int(emb.shape[1]), int(emb.shape[0]))
-    return rewrite(TOY_MODEL, dst, tensors={"token_embd.weight": e.astype(np.float16)})
+    src = m.weights.output
+    e16 = np.ascontiguousarray(src.rows_f32(0, src.n_rows).astype(np.float16))
+    emb = Embedding(e16.reshape(-1).view(np.uint8), F16, src.n_rows, src.n_cols,
+                    src.name + " (rounded to F16)")
+    m.head = make_head("exact", emb, m.kernel)
 
 
 def main() -> int:
@@ -56,33 +55,34 @@ def main() -> int:
     from dlmnumba import evaluate as E
     from dlmnumba.chat import chat_prompt
     from dlmnumba.model.heads import ExactF16Head
+    from dlmnumba.model_source import TOY_MODEL
 
-    with tempfile.TemporaryDirectory() as tmp:
-        m = dlmnumba.load_model(f16_copy(Path(tmp) / "toy-f16.gguf"))
-        assert isinstance(m.head, ExactF16Head)
-        exs = E.examples_for(E.T.TASKS, args.examples)
-        prompts = [m.tokenizer.encode(chat_prompt(m.file.metadata, e.prompt)) for e in exs]
-        rows = []
-        print(f"{len(exs)} held-out examples, toy model with an F16 embedding")
-        print(f"{'setting':<42}{'dual':>6}{'same tokens+passes':>20}{'acc exact':>11}"
-              f"{'acc screened':>14}")
-        for label, kw in SETTINGS:
-            for dual in (False, True):
-                outs = {}
-                for conf in ("exact", "screened"):
-                    gen = Generator(m, DecodeSettings(max_tokens=48, dual_cache=dual,
-                                                      confidence=conf, **kw))
-                    outs[conf] = [gen.generate(p) for p in prompts]
-                same = sum(a.tokens == b.tokens and a.stats.forward_passes ==
-                           b.stats.forward_passes for a, b in zip(outs["exact"],
-                                                                  outs["screened"]))
-                acc = {c: sum(E.T.is_correct(e, o.text) for e, o in zip(exs, outs[c])) / len(exs)
-                       for c in outs}
-                rows.append({"setting": label, "dual_cache": dual, "examples": len(exs),
-                             "identical": same, "accuracy_exact": acc["exact"],
-                             "accuracy_screened": acc["screened"]})
-                print(f"{label:<42}{'on' if dual else 'off':>6}{same:>14} / {len(exs):<4}"
-                      f"{100 * acc['exact']:>10.1f}%{100 * acc['screened']:>13.1f}%", flush=True)
+    m = dlmnumba.load_model(str(TOY_MODEL))
+    with_f16_head(m)
+    assert isinstance(m.head, ExactF16Head)
+    exs = E.examples_for(E.T.TASKS, args.examples)
+    prompts = [m.tokenizer.encode(chat_prompt(m.file.metadata, e.prompt)) for e in exs]
+    rows = []
+    print(f"{len(exs)} held-out examples, toy model with an F16 LM head")
+    print(f"{'setting':<42}{'dual':>6}{'same tokens+passes':>20}{'acc exact':>11}"
+          f"{'acc screened':>14}")
+    for label, kw in SETTINGS:
+        for dual in (False, True):
+            outs = {}
+            for conf in ("exact", "screened"):
+                gen = Generator(m, DecodeSettings(max_tokens=48, dual_cache=dual,
+                                                  confidence=conf, **kw))
+                outs[conf] = [gen.generate(p) for p in prompts]
+            same = sum(a.tokens == b.tokens and a.stats.forward_passes ==
+                       b.stats.forward_passes for a, b in zip(outs["exact"],
+                                                              outs["screened"]))
+            acc = {c: sum(E.T.is_correct(e, o.text) for e, o in zip(exs, outs[c])) / len(exs)
+                   for c in outs}
+            rows.append({"setting": label, "dual_cache": dual, "examples": len(exs),
+                         "identical": same, "accuracy_exact": acc["exact"],
+                         "accuracy_screened": acc["screened"]})
+            print(f"{label:<42}{'on' if dual else 'off':>6}{same:>14} / {len(exs):<4}"
+                  f"{100 * acc['exact']:>10.1f}%{100 * acc['screened']:>13.1f}%", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -75,7 +75,7 @@ def test_defaults_equal_dataclass_defaults_and_spec():
         "kernel": "auto", "lm_head": "exact",
         "dlm": {"block_size": 64, "small_block_size": 8, "threshold": 0.9, "mask_token_id": None,
                 "max_iterations_per_block": 10, "decode_mode": "greedy", "attention": "block",
-                "dual_cache": False, "confidence": "exact", "kv_commit": "normal"},
+                "dual_cache": True, "confidence": "exact", "kv_commit": "normal"},
         "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 0, "max_tokens": 128},
         "scheduler": {"max_sequences": 16, "max_waiting": 256, "enable_radix_cache": True,
                       "radix_cache_max_tokens": 8192},

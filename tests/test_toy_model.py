@@ -76,7 +76,8 @@ PER_TASK = 10
 # Measured on this sample: ar 0.65, iterative 0.65 (60 prompts; lookup is not learned).
 FLOORS = {"ar": 0.45, "iterative": 0.45, "iterative_dual_cache": 0.45}
 SETTINGS = {"ar": dict(mode="ar"),
-            "iterative": dict(mode="iterative", block_size=32, small_block_size=8, threshold=0.9),
+            "iterative": dict(mode="iterative", block_size=32, small_block_size=8, threshold=0.9,
+                              dual_cache=False),
             "iterative_dual_cache": dict(mode="iterative", block_size=32, small_block_size=8,
                                          threshold=0.9, dual_cache=True)}
 

@@ -32,7 +32,7 @@ class DecodeSettings:
     max_iterations_per_block: int = 10  # refinement passes per block before filling the rest
     attention: str = "block"  # block (Fast-dLLM v2) | causal
     kv_commit: str = "normal"  # normal | none (the seed's stale-mask scheduling)
-    dual_cache: bool = False  # refinement passes over the sub-block only (Fast-dLLM DualCache)
+    dual_cache: bool = True  # refinement passes over the sub-block only (Fast-dLLM DualCache)
     confidence: str = "exact"  # exact | screened: the confidence iterative/adaptive threshold
     mask_token_id: int | None = None  # None = from the model file
     max_tokens: int = 128  # exact cap on generated tokens
