@@ -37,39 +37,74 @@ def attention(out, q, k_cache, v_cache, key_pos, n_keys, query_pos, block_size, 
     for task in prange(n_kv * n_chunks):
         kh = task // n_chunks
         m0 = (task % n_chunks) * Q_CHUNK
-        m1 = min(m_rows, m0 + Q_CHUNK)
-        n_vis = 0  # keys [0, n_vis) hold every key a query of this task sees
-        for m in range(m0, m1):
-            lim = _limit(query_pos[m], block_size)
-            for j in range(n_keys - 1, n_vis - 1, -1):
-                if key_pos[j] <= lim:
-                    n_vis = j + 1
-                    break
-        nv16 = (n_vis + LANES - 1) // LANES * LANES
-        scores = np.zeros((group, nk), np.float32)
-        acc = np.empty((group, d), np.float32)
-        for m in range(m0, m1):
-            lim = _limit(query_pos[m], block_size)
-            h0 = kh * group
-            _rows_times(scores, q[m, h0:h0 + group], kt[kh], d, nv16)
-            for g in range(group):
-                mx = -np.inf
-                for j in range(n_vis):
-                    if key_pos[j] > lim:
-                        scores[g, j] = -np.inf
-                    else:
-                        scores[g, j] *= scale
-                        mx = max(mx, scores[g, j])
-                if mx == -np.inf:  # no visible key (not reachable: a query sees itself)
-                    scores[g, :] = 0.0
-                    continue
-                # exp(s - max) in place, vectorized (masked keys: -inf -> exactly 0)
-                total = exp_shifted(scores[g], n_vis, mx)
-                scores[g, :n_vis] *= np.float32(1.0) / total
-            _rows_times(acc, scores, v_cache[kh], n_vis, d)
-            for g in range(group):
-                for i in range(d):
-                    out[m, h0 + g, i] = acc[g, i]
+        _task(out, q, kt[kh], v_cache[kh], key_pos, n_keys, query_pos, block_size, scale, kh,
+              m0, min(m_rows, m0 + Q_CHUNK), group, nk)
+
+
+@pjit
+def attention_many(out, q, k_caches, v_caches, key_pos, n_keys, rows, query_pos, block_sizes,
+                   scale, layer):
+    # attention() for many sequences at once: sequence s owns the query rows
+    # rows[s]:rows[s+1] of out/q/query_pos and the first n_keys[s] slots of its own cache
+    # (k_caches[s][layer], v_caches[s][layer]: [Hkv, C, D]; key_pos[s]: [C]), mask
+    # block_sizes[s].  One parallel loop over (sequence, KV head); each runs attention()'s
+    # per-task arithmetic on the same transposed keys, so every row is bit-identical to
+    # attention() on its sequence alone -- without a thread-pool launch per sequence.
+    n_heads, d = q.shape[1], q.shape[2]
+    n_kv = k_caches[0].shape[1]
+    group = n_heads // n_kv
+    for task in prange(len(k_caches) * n_kv):
+        s = task // n_kv
+        kh = task % n_kv
+        nkeys = n_keys[s]
+        nk = (nkeys + LANES - 1) // LANES * LANES
+        kc = k_caches[s][layer, kh]
+        kt = np.zeros((d, nk), np.float32)
+        for i in range(d):
+            for j in range(nkeys):
+                kt[i, j] = kc[j, i]
+        for m0 in range(rows[s], rows[s + 1], Q_CHUNK):
+            _task(out, q, kt, v_caches[s][layer, kh], key_pos[s], nkeys, query_pos,
+                  block_sizes[s], scale, kh, m0, min(rows[s + 1], m0 + Q_CHUNK), group, nk)
+
+
+@jit
+def _task(out, q, kt, v, key_pos, n_keys, query_pos, block_size, scale, kh, m0, m1, group, nk):
+    # queries m0..m1 of the `group` query heads sharing KV head kh: scores = q kt, softmax,
+    # values = p v; keys after the last one any of these queries sees are skipped
+    d = q.shape[2]
+    n_vis = 0  # keys [0, n_vis) hold every key a query of this task sees
+    for m in range(m0, m1):
+        lim = _limit(query_pos[m], block_size)
+        for j in range(n_keys - 1, n_vis - 1, -1):
+            if key_pos[j] <= lim:
+                n_vis = j + 1
+                break
+    nv16 = (n_vis + LANES - 1) // LANES * LANES
+    scores = np.zeros((group, nk), np.float32)
+    acc = np.empty((group, d), np.float32)
+    for m in range(m0, m1):
+        lim = _limit(query_pos[m], block_size)
+        h0 = kh * group
+        _rows_times(scores, q[m, h0:h0 + group], kt, d, nv16)
+        for g in range(group):
+            mx = -np.inf
+            for j in range(n_vis):
+                if key_pos[j] > lim:
+                    scores[g, j] = -np.inf
+                else:
+                    scores[g, j] *= scale
+                    mx = max(mx, scores[g, j])
+            if mx == -np.inf:  # no visible key (not reachable: a query sees itself)
+                scores[g, :] = 0.0
+                continue
+            # exp(s - max) in place, vectorized (masked keys: -inf -> exactly 0)
+            total = exp_shifted(scores[g], n_vis, mx)
+            scores[g, :n_vis] *= np.float32(1.0) / total
+        _rows_times(acc, scores, v, n_vis, d)
+        for g in range(group):
+            for i in range(d):
+                out[m, h0 + g, i] = acc[g, i]
 
 
 @jit

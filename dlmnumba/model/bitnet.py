@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numba
 import numpy as np
+from numba.typed import List
 
 from ..errors import ModelFormatError
 from ..gguf.reader import GGUFFile
@@ -184,15 +185,30 @@ class Model:
         def linear(out, q, wt):
             ternary_matmul(out, q, qsum, xs, wt.packed, wt.scales, wt.group, self.kernel)
 
+        many = None  # several segments: their caches for one attention_many call per layer
+        if len(segments) > 1:
+            ks, vs, kps = List(), List(), List()
+            for seg in segments:
+                ks.append(seg.cache.k)
+                vs.append(seg.cache.v)
+                kps.append(seg.cache.pos)
+            many = (ks, vs, kps, np.asarray(firsts, np.int64) + np.diff(bounds),
+                    np.asarray(bounds, np.int64), pos,
+                    np.array([seg.mask.block_size for seg in segments], np.int64))
+
         def attend(li, q, k, v):
-            # per segment: its K/V into its cache, its queries against its cache
+            # per segment: its K/V into its cache, its queries against its cache (several
+            # segments: one kernel call over all of them)
             for i, seg in enumerate(segments):
                 a, b, c = bounds[i], bounds[i + 1], seg.cache
                 first, n_keys = firsts[i], firsts[i] + b - a
                 c.k[li, :, first:n_keys] = k[a:b].transpose(1, 0, 2)
                 c.v[li, :, first:n_keys] = v[a:b].transpose(1, 0, 2)
-                attn_k.attention(att[a:b], q[a:b], c.k[li], c.v[li], c.pos, n_keys, pos[a:b],
-                                 seg.mask.block_size, scale)
+                if many is None:
+                    attn_k.attention(att, q, c.k[li], c.v[li], c.pos, n_keys, pos,
+                                     seg.mask.block_size, scale)
+            if many is not None:
+                attn_k.attention_many(att, q, *many, scale, li)
 
         # Each BitLinear input is normed and quantized to int8 by one fused kernel
         # (ops.rmsnorm_quantize: [x += residual], rmsnorm, absmax int8 per row).
