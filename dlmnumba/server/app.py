@@ -201,8 +201,8 @@ def _settings_for(state: ServerState, body: P._Common, n_prompt: int) -> DecodeS
                               f" is {n_prompt + budget} tokens, beyond the model's context "
                               f"length ({n_ctx})", budget_field, code="context_length_exceeded")
     base = state.settings
-    given = {f: getattr(body, f) for f in (*P.DECODE_FIELDS, "temperature", "top_p", "seed")
-             if getattr(body, f) is not None}
+    given = {f: getattr(body, f) for f in (*P.DECODE_FIELDS, *P.OPENAI_FIELDS)
+             if f != "max_tokens" and getattr(body, f) is not None}
     for f, value in given.items():  # the same definitions as the CLI and YAML
         try:
             given[f] = check(DECODE_KEYS[f], value, "request")

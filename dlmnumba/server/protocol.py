@@ -12,7 +12,10 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
+from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr,
+                      create_model)
+
+from ..settings import DECODE_KEYS, SETTINGS
 
 Float = Annotated[float, Strict()]  # a JSON number (an integer is accepted), never a string
 
@@ -61,13 +64,19 @@ class ChatMessage(BaseModel):
         return "".join(p.text for p in self.content)
 
 
-# body field -> decode setting it sets (validated by dlmnumba.settings like CLI and YAML)
-DECODE_FIELDS = ("mode", "block_size", "small_block_size", "threshold",
-                 "max_iterations_per_block", "attention", "kv_commit", "dual_cache", "confidence",
-                 "top_k")
+# Decode settings a request may set, named like DecodeSettings' fields and the config keys'
+# leaves; derived from the settings table (dlmnumba.settings.DECODE_KEYS), which also checks
+# their values.  The sampling fields OpenAI names itself are declared below; the mask token
+# is the server's business.
+OPENAI_FIELDS = ("max_tokens", "temperature", "top_p", "seed")
+DECODE_FIELDS = tuple(f for f in DECODE_KEYS if f not in (*OPENAI_FIELDS, "mask_token_id"))
+_JSON_TYPES = {int: StrictInt, float: Float, str: StrictStr, bool: StrictBool}
+_DecodeFields = create_model(
+    "_DecodeFields", __config__=ConfigDict(extra="forbid"),
+    **{f: (_JSON_TYPES[SETTINGS[DECODE_KEYS[f]].type] | None, None) for f in DECODE_FIELDS})
 
 
-class _Common(BaseModel):
+class _Common(_DecodeFields):
     """Fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -89,17 +98,6 @@ class _Common(BaseModel):
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
     logit_bias: dict[str, Any] | None = None
-    # diffusion decode settings (and top_k), named like the config keys
-    mode: StrictStr | None = None
-    block_size: StrictInt | None = None
-    small_block_size: StrictInt | None = None
-    threshold: Float | None = None
-    max_iterations_per_block: StrictInt | None = None
-    attention: StrictStr | None = None
-    kv_commit: StrictStr | None = None
-    dual_cache: StrictBool | None = None
-    confidence: StrictStr | None = None
-    top_k: StrictInt | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of the first field asking for something we do not do, or None."""
