@@ -8,7 +8,7 @@ import pytest
 
 import dlmnumba
 from dlmnumba import DecodeSettings, Generator
-from dlmnumba.model.batch import AttentionMask, Output
+from dlmnumba.model.batch import Output
 
 PROMPT = [1007, 39, 735, 78, 271, 285, 493, 5, 600, 7, 88, 19, 300, 301]  # 14: not aligned
 

@@ -12,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CI_CASES = 2000  # about 30 s here: the cases are small files that load in milliseconds

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat import render_chat
 from ..decode.scheduler import DecodeSettings, Generator
@@ -29,6 +26,7 @@ from ..errors import ConfigError, DlmError
 from ..settings import DECODE_KEYS, check
 from . import protocol as P
 from .service import EngineService, Metrics, ShuttingDown
+from .guards import install_errors, install_middleware
 from .stops import StopMatcher
 
 log = logging.getLogger("dlmnumba.server")
@@ -102,8 +100,8 @@ def create_app(state: ServerState, load: Callable[[], Any] | None = None) -> Fas
     app = FastAPI(title="dlmnumba", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.dlm = state
-    _install_middleware(app, state.options)
-    _install_errors(app)
+    install_middleware(app, state.options.api_key, state.options.max_body_bytes)
+    install_errors(app)
 
     @app.get("/health")
     async def health():
@@ -324,95 +322,3 @@ async def _stream(state, handle, stopper, rid, name, chat, include_usage):
     finally:
         if not done:  # the client went away mid-stream: free the slot at the next step
             state.service.cancel(handle)
-
-
-# -- middleware and error handlers -----------------------------------------------------------
-def _json_error(err: P.ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), err.status, headers=err.headers)
-
-
-def _install_middleware(app: FastAPI, o: ServerOptions) -> None:
-    app.add_middleware(_Limits, api_key=o.api_key, max_body=o.max_body_bytes)
-
-
-class _Limits:
-    """ASGI middleware: API key on every route but /health; request body size limit."""
-
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"] != "/health":
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                err = P.ApiError(401, "missing or wrong API key (send 'Authorization: Bearer "
-                                      "<key>')", type_="authentication_error",
-                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                return await _json_error(err)(scope, receive, send)
-        length = headers.get(b"content-length")
-        too_big = P.ApiError(413, f"request body larger than {self.max_body} bytes",
-                             code="body_too_large")
-        if length is not None:
-            try:
-                if int(length) > self.max_body:
-                    return await _json_error(too_big)(scope, receive, send)
-            except ValueError:
-                return await _json_error(P.ApiError(400, "bad Content-Length"))(scope, receive,
-                                                                               send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge()
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
-            await _json_error(too_big)(scope, receive, send)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(P.ApiError)
-    async def api_error(_, err: P.ApiError):
-        return _json_error(err)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
-        if first.get("type") == "json_invalid":
-            msg = f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}".strip()
-        elif first.get("type") == "extra_forbidden":
-            msg = f"unknown field '{where}'"
-        elif first.get("type") == "missing":
-            msg = f"missing field '{where}'"
-        else:
-            msg = f"'{where}': {first.get('msg', 'invalid value')}"
-        return _json_error(P.ApiError(400, msg, where or None))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, err: StarletteHTTPException):
-        return _json_error(P.ApiError(err.status_code, str(err.detail),
-                                      type_="not_found_error" if err.status_code == 404
-                                      else "invalid_request_error"))
-
-    @app.exception_handler(Exception)
-    async def crash(_, err: Exception):
-        log.exception("internal error")
-        return _json_error(P.ApiError(500, f"internal error: {type(err).__name__}: {err}",
-                                      type_="server_error"))
-
