@@ -302,3 +302,47 @@ def test_cli_serve_bad_model_is_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "dlmnumba", "serve", "--model", str(bad)],
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "bad.gguf" in p.stderr, p.stderr
+
+
+def test_health_is_503_while_loading_and_routes_say_so(toy):
+    """Until the model is loaded: /health 503 {"status": "loading"}, model routes 503 in
+    OpenAI's shape; then 200 and answers. A failed load is reported, not hidden."""
+    gate = threading.Event()
+
+    def slow_load():
+        assert gate.wait(TIMEOUT)
+        return toy
+
+    srv = ThreadedServer(create_app(ServerState(ServerOptions(model_name="toy"),
+                                                DecodeSettings(block_size=16)),
+                                    load=slow_load)).start()
+    try:
+        r = httpx.get(srv.url + "/health")
+        assert r.status_code == 503 and r.json() == {"status": "loading"}
+        r = httpx.post(srv.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        gate.set()
+        t0 = time.monotonic()
+        while httpx.get(srv.url + "/health").status_code != 200:
+            assert time.monotonic() - t0 < TIMEOUT
+            time.sleep(0.05)
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=TIMEOUT,
+                       json={"messages": [{"role": "user", "content": "What is 1+1?"}],
+                             "max_tokens": 4})
+        assert r.status_code == 200
+    finally:
+        srv.stop()
+
+    def broken():
+        raise dlmnumba.ModelFormatError("m.gguf: not a GGUF file")
+
+    srv = ThreadedServer(create_app(ServerState(ServerOptions()), load=broken)).start()
+    try:
+        t0 = time.monotonic()
+        while (r := httpx.get(srv.url + "/health")).json().get("status") == "loading":
+            assert time.monotonic() - t0 < TIMEOUT
+            time.sleep(0.05)
+        assert r.status_code == 503 and "not a GGUF file" in r.json()["message"]
+    finally:
+        srv.stop()
