@@ -346,3 +346,36 @@ def test_health_is_503_while_loading_and_routes_say_so(toy):
         assert r.status_code == 503 and "not a GGUF file" in r.json()["message"]
     finally:
         srv.stop()
+
+
+def test_full_waiting_queue_is_429_with_retry_after(synth_model):
+    def slow_model():  # 50 ms a step: the running request outlasts the test
+        m = dlmnumba.load_model(synth_model())
+        fast = m.forward_batch
+        m.forward_batch = lambda segs: (time.sleep(0.05), fast(segs))[1]
+        return m
+
+    state = ServerState(ServerOptions(max_sequences=1, max_waiting=1), DecodeSettings(mode="ar"))
+    srv = ThreadedServer(create_app(state, load=slow_model)).start()
+    try:
+        t0 = time.monotonic()
+        while httpx.get(srv.url + "/health").status_code != 200:
+            assert time.monotonic() - t0 < TIMEOUT
+            time.sleep(0.05)
+        body = {"prompt": "hello", "max_tokens": 1500, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body,
+                          timeout=TIMEOUT) as running:
+            next(running.iter_lines())  # admitted and streaming
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body,
+                              timeout=TIMEOUT) as waiting:
+                t0 = time.monotonic()
+                while _metric(srv, "dlmnumba_waiting_sequences") != 1:
+                    assert time.monotonic() - t0 < 30
+                    time.sleep(0.05)
+                r = httpx.post(srv.url + "/v1/completions", json=body)
+                assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+                assert r.json()["error"]["code"] == "queue_full"
+                assert waiting.status_code == 200
+        assert _metric(srv, 'dlmnumba_requests_total{outcome="rejected"}') == 1
+    finally:
+        srv.stop()
