@@ -362,20 +362,23 @@ def test_full_waiting_queue_is_429_with_retry_after(synth_model):
         while httpx.get(srv.url + "/health").status_code != 200:
             assert time.monotonic() - t0 < TIMEOUT
             time.sleep(0.05)
+        state.generator.eog = frozenset()  # random weights: no early stop frees the slot
         body = {"prompt": "hello", "max_tokens": 1500, "stream": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body,
                           timeout=TIMEOUT) as running:
-            next(running.iter_lines())  # admitted and streaming
+            lines = running.iter_lines()  # kept: a dropped iterator closes the stream
+            next(lines)  # admitted and streaming
             with httpx.stream("POST", srv.url + "/v1/completions", json=body,
                               timeout=TIMEOUT) as waiting:
                 t0 = time.monotonic()
                 while _metric(srv, "dlmnumba_waiting_sequences") != 1:
                     assert time.monotonic() - t0 < 30
                     time.sleep(0.05)
-                r = httpx.post(srv.url + "/v1/completions", json=body)
+                r = httpx.post(srv.url + "/v1/completions", json=body, timeout=TIMEOUT)
                 assert r.status_code == 429 and r.headers["Retry-After"] == "1"
                 assert r.json()["error"]["code"] == "queue_full"
                 assert waiting.status_code == 200
+            del lines
         assert _metric(srv, 'dlmnumba_requests_total{outcome="rejected"}') == 1
     finally:
         srv.stop()
