@@ -23,18 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from forward_pass import default_model  # noqa: E402
+
 MODES = {  # name -> (DecodeSettings keyword arguments, max_tokens)
     "ar": (dict(mode="ar"), 32),
     "greedy": (dict(mode="greedy", block_size=64, attention="block", kv_commit="normal"), 64),
     "iterative": (dict(mode="iterative", block_size=32, small_block_size=8, threshold=0.9), 16),
 }
-
-
-def default_model() -> str:
-    """The built-in default model (2B-4T shapes, TQ2_0), written once to the user cache."""
-    from dlmnumba.model_source import resolve_model_path
-
-    return str(resolve_model_path(None, "bench", progress=True))
 
 
 def measure(gen, prompts, together: bool) -> tuple[float, list[float], list[list[int]]]:

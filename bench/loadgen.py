@@ -28,42 +28,13 @@ READY_TIMEOUT_S = 600  # model load (the 2B-shaped file, numba cache cold) befor
 
 
 # -- models -------------------------------------------------------------------------------------
-def _optional(name: str):
-    """Module `name`, or None if it does not exist (modules are moving between releases)."""
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name is None or not name.startswith(e.name):
-            raise  # a missing dependency of the module, not the module itself
-        return None
-
-
-def write_synthetic(path, **kw) -> Path:
-    """dlmnumba's synthetic-model writer (dlmnumba.synth.models, formerly dlmnumba.gguf.synth)."""
-    mod = _optional("dlmnumba.synth.models") or _optional("dlmnumba.gguf.synth")
-    if mod is None:
-        raise SystemExit("no synthetic-model writer found in dlmnumba (synth.models, gguf.synth)")
-    return mod.write_synthetic(path, **kw)
-
-
-def default_model() -> str:
-    """The built-in default model (2B-4T shapes, TQ2_0), written once to the user cache."""
-    ms = _optional("dlmnumba.model_source")
-    if ms is not None:
-        return str(ms.resolve_model_path(None, "bench", progress=True))
-    from dlmnumba.gguf.synth import default_model_path  # before dlmnumba.model_source
-
-    path, spec = default_model_path()
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_synthetic(path, progress=True, **spec)
-    return str(path)
+from forward_pass import default_model  # noqa: E402,F401  (the bench scripts' one definition)
 
 
 def preset_model(preset: str, folder: str | Path) -> str:
     """A synthetic model of `preset` in `folder`, in a type and architecture llama.cpp loads."""
+    from dlmnumba.synth.models import write_synthetic
+
     path = Path(folder) / f"synthetic-{preset}-TQ2_0-bitnet.gguf"
     write_synthetic(path, preset=preset, qtype="TQ2_0", arch="bitnet")
     return str(path)

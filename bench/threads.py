@@ -23,12 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def default_model() -> str:
-    """The built-in default model (2B-4T shapes, TQ2_0), written once to the user cache."""
-    from dlmnumba.model_source import resolve_model_path
-
-    return str(resolve_model_path(None, "bench", progress=True))
+from forward_pass import default_model  # noqa: E402
 
 
 def main() -> None:
