@@ -178,15 +178,21 @@ def setting_option(key: str):
     return click.option(s.flag, s.param, type=kind, default=None, help=s.help)
 
 
+def _setting_options(keys):
+    """Options for several settings (a decorator), in the order given."""
+    def wrap(fn):
+        for k in reversed(keys):
+            fn = setting_option(k)(fn)
+        return fn
+    return wrap
+
+
 def decode_options(max_tokens_key: str = "sampling.max_tokens"):
     """The options every decoding command takes (a decorator); all default to None."""
     def wrap(fn):
-        opts = [click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                             help="YAML config (see `dlmnumba config generate`)."),
-                *(setting_option(k) for k in (*DECODE_OPTION_KEYS, max_tokens_key))]
-        for opt in reversed(opts):
-            fn = opt(fn)
-        return fn
+        fn = _setting_options((*DECODE_OPTION_KEYS, max_tokens_key))(fn)
+        return click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                            help="YAML config (see `dlmnumba config generate`).")(fn)
     return wrap
 
 
@@ -314,14 +320,6 @@ SERVE_KEYS = ("host", "port", "api_key", "max_request_bytes", "scheduler.max_seq
               "scheduler.radix_cache_max_tokens", "cluster.backend", "cluster.replicas",
               "cluster.threads_per_replica", "cluster.max_replicas",
               "cluster.ray_address")
-
-
-def _setting_options(keys):
-    def wrap(fn):
-        for k in reversed(keys):
-            fn = setting_option(k)(fn)
-        return fn
-    return wrap
 
 
 @main.command()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .decode.policies import POLICIES
-from .decode.requests import MODES as _DECODE_MODES
+from .decode.requests import MODES
 from .errors import ConfigError
 from .kernels.simd import PATHS as KERNEL_PATHS
 
@@ -105,8 +105,7 @@ class Setting:
         return f"null or {what}" if self.nullable else what
 
 
-# decode modes: the registered unmasking policies and `ar` (decode/policies.py, requests.py)
-MODES = _DECODE_MODES
+# decode modes (MODES): the registered unmasking policies and `ar` (decode/requests.py)
 REFINING_MODES = tuple(name for name, p in POLICIES.items() if p.refines)  # use small blocks
 
 SETTINGS_LIST: tuple[Setting, ...] = (

@@ -30,7 +30,6 @@ from .heads import HEAD_KINDS, LMHead, make_head
 from .kv_cache import KVCache
 from .weights import Weights, load_weights
 
-LM_HEADS = HEAD_KINDS
 
 
 class Model:

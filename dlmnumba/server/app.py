@@ -179,15 +179,15 @@ def _encode(gen: Generator, text: str, add_bos: bool | None = None) -> list[int]
         raise P.ApiError(400, f"cannot tokenize the text: {e}") from None
 
 
-def _refuse_unsupported(body: P._Common) -> None:
+def _refuse_unsupported(body: P.CommonRequest) -> None:
     bad = body.unsupported()
     if bad is not None:
         raise P.ApiError(400, bad[1], bad[0], code="unsupported")
 
 
-def _settings_for(state: ServerState, body: P._Common, n_prompt: int) -> DecodeSettings:
+def _settings_for(state: ServerState, gen: Generator, body: P.CommonRequest,
+                  n_prompt: int) -> DecodeSettings:
     """The server's default decode settings with the request's fields applied."""
-    gen, _ = state.ready()
     n_ctx = gen.model.n_ctx
     budget, budget_field = body.token_budget()
     if budget is None:
@@ -216,10 +216,10 @@ def _settings_for(state: ServerState, body: P._Common, n_prompt: int) -> DecodeS
         raise P.ApiError(400, str(e), next(iter(decode), None)) from None
 
 
-async def _complete(state: ServerState, body: P._Common, ids: list[int], http: HttpRequest,
+async def _complete(state: ServerState, body: P.CommonRequest, ids: list[int], http: HttpRequest,
                     chat: bool):
     gen, svc = state.ready()
-    settings = _settings_for(state, body, len(ids))
+    settings = _settings_for(state, gen, body, len(ids))
     stops = body.stops()
     try:
         request = gen.request(ids, settings)

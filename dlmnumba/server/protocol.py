@@ -76,7 +76,7 @@ _DecodeFields = create_model(
     **{f: (_JSON_TYPES[SETTINGS[DECODE_KEYS[f]].type] | None, None) for f in DECODE_FIELDS})
 
 
-class _Common(_DecodeFields):
+class CommonRequest(_DecodeFields):
     """Fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="forbid")
@@ -129,7 +129,7 @@ class _Common(_DecodeFields):
         return self.max_tokens, "max_tokens"
 
 
-class ChatRequest(_Common):
+class ChatRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -146,7 +146,7 @@ class ChatRequest(_Common):
         return super().unsupported()
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(CommonRequest):
     prompt: StrictStr | list[StrictInt] | list[StrictStr]
     echo: StrictBool = False
     suffix: StrictStr | None = None
