@@ -25,7 +25,7 @@ from typing import Any
 from .decode.policies import POLICIES
 from .decode.requests import MODES
 from .errors import ConfigError
-from .kernels.simd import PATHS as KERNEL_PATHS
+from .kernels.dispatch import PATHS as KERNEL_PATHS
 
 ENV_PREFIX = "DLMNUMBA_"
 

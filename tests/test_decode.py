@@ -89,6 +89,57 @@ def test_iteration_cap_fills_with_best_predictions(tiny):
     assert tiny.spec.mask_id not in out.tokens
 
 
+def reference_iterative(model, prompt, block, sub, threshold, cap, max_tokens):
+    """Iterative decoding written plainly: every pass a fresh forward over prompt + finished
+    blocks + the block's current content (no cache), the first pass of a block predicting every
+    masked position, later passes the current sub-block's; commit above the threshold (at least
+    the most confident); at the cap every mask takes its most confident prediction (earliest on
+    ties)."""
+    mask_id = model.spec.mask_id
+    toks = list(prompt)
+    while len(toks) - len(prompt) < max_tokens:
+        pos = len(toks)
+        start = pos // block * block
+        n = start + block - pos
+        content = np.full(n, mask_id)
+        masked = np.zeros(n, bool)
+        masked[:min(n, max_tokens - (pos - len(prompt)))] = True
+        best_tok, best_conf = np.zeros(n, np.int64), np.full(n, -1.0)
+        passes = 0
+        while masked.any():
+            logits = model.logits(toks + content.tolist(), "block", block)[pos - 1:pos - 1 + n]
+            logits[:, mask_id] = -np.inf
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            conf = (p.max(1) / p.sum(1)).astype(np.float32)
+            tok = logits.argmax(1)
+            sub_of = (pos + np.arange(n) - start) // sub
+            cur = masked & (sub_of == sub_of[masked].min())
+            decide = masked if passes == 0 else cur
+            better = decide & (conf > best_conf)
+            best_tok[better], best_conf[better] = tok[better], conf[better]
+            idx = np.flatnonzero(cur)
+            chosen = idx[conf[idx] > threshold] if (conf[idx] > threshold).any() else \
+                idx[[int(np.argmax(conf[idx]))]]
+            content[chosen] = tok[chosen]
+            masked[chosen] = False
+            passes += 1
+            if masked.any() and passes >= cap:
+                content[masked] = best_tok[masked]
+                masked[:] = False
+        toks += content.tolist()
+    return toks[len(prompt):len(prompt) + max_tokens]
+
+
+@pytest.mark.parametrize("cap", [3, 5, 100])
+def test_iterative_equals_plain_reference_cap_included(tiny, cap):
+    """The decoder (passes computing the head only for the rows they decide, the first pass's
+    other rows kept for the cap) gives the plain reference's tokens, cap fill included."""
+    kw = dict(mode="iterative", block_size=16, small_block_size=4, threshold=0.99,
+              max_iterations_per_block=cap, max_tokens=32, dual_cache=False)
+    out = run(tiny, prompt=PROMPT[:8], **kw)
+    assert out.tokens == reference_iterative(tiny, PROMPT[:8], 16, 4, 0.99, cap, 32)
+
+
 def test_adaptive_uses_its_three_thresholds_in_order(tiny, monkeypatch):
     assert [step_threshold("adaptive", 0.9, i) for i in range(4)] == [0.5, 0.7, 0.9, 0.9]
     assert [step_threshold("adaptive", 0.6, i) for i in range(3)] == [0.5, 0.7, 0.6]

@@ -118,25 +118,28 @@ def test_stop_token_truncates_there(tiny):
 
 
 def test_passes_compute_only_the_rows_they_decide(tiny, monkeypatch):
-    """First pass of a block: a row for every masked position; later passes: the current
-    sub-block's masked positions only; with the dual cache the pass itself is the sub-block
-    (plus the row before it)."""
+    """Every pass computes the head for the current sub-block's masked positions only (a
+    block's first pass keeps the hidden states of its other masked positions, for the cap);
+    with the dual cache a later pass itself is the sub-block (plus the row before it)."""
     for dual in (False, True):
         req = _gen(tiny, dual_cache=dual, max_tokens=16).request(PROMPT[:8])
-        sizes = []
+        sizes, kept = [], []
         while (seg := req.next_pass()) is not None:
             sizes.append((len(seg.tokens), len(seg.rows)))
+            kept.append(len(seg.keep))
             req.feed(tiny.forward_batch([seg])[0])
+            assert seg.kept is None if not seg.keep else seg.kept.shape == (len(seg.keep),
+                                                                            tiny.spec.n_embd)
         # prompt 8 tokens, block 16: positions 8..15 in sub-blocks 8..11, 12..15; then 16..23
         # (whose first pass also commits block 0: the cache holds nothing of a shared block)
-        first = sizes[0]
-        assert first == (16, 8)
+        assert sizes[0] == (16, 4) and kept[0] == 4  # rows for 8..11, 12..15 kept
         assert [r for _, r in sizes[1:4]] == [3, 2, 1]  # sub-block 8..11 after one commit
+        assert not any(kept[1:8])
         if dual:
             assert all(t <= 5 for t, _ in sizes[1:8])
         else:
             assert all(t == 16 for t, _ in sizes[1:8])
-        assert sizes[8] == (32, 8)  # next block: the finished block 0..15 and its own 16..23
+        assert sizes[8] == (32, 4) and kept[8] == 4  # next block: 0..15 and its own 16..23
 
 
 @pytest.mark.parametrize("confidence, output", [("exact", Output.ARGMAX_EXACT),

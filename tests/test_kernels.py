@@ -206,7 +206,7 @@ def test_kernels_without_jit():
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("path", ["vnni512", "vnni256", "avx2", "portable"])
+@pytest.mark.parametrize("path", ["amx", "vnni512", "vnni256", "avx2", "portable"])
 @pytest.mark.parametrize("m,k,n", [(1, 128, 5), (1, 640, 38), (5, 512, 16), (7, 1536, 37),
                                    (65, 2560, 24), (13, 1152, 130), (2, 256, 20), (9, 640, 70),
                                    (16, 1280, 64)])

@@ -20,6 +20,7 @@ mask K/V stay in the cache as stale entries.  Its output quality suffers.
 from __future__ import annotations
 
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -243,6 +244,8 @@ class _Block:
     pos0: int = 0  # of the pass in flight: its first position
     idx: np.ndarray | None = None  # ... the masked block indices it decides
     in_pass: np.ndarray | None = None  # ... and which of them have their row in the pass
+    deferred: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    first_hidden: np.ndarray | None = None  # the first pass's hidden states predicting them
 
 
 class DiffusionRequest(Request):
@@ -256,6 +259,7 @@ class DiffusionRequest(Request):
                 f"{model.path}: the model declares no mask token, so mode "
                 f"'{settings.mode}' cannot run; pass --mask-token-id ID or use --mode ar")
         self.policy: Policy = POLICIES[settings.mode]
+        self._model = model  # its LM head, for the first pass's deferred rows (_cap_fill)
         self.mask = ATTENTIONS[settings.attention](settings.block_size)
         self.tokens = list(self.prompt)  # prompt + every finished block
         self.block: _Block | None = None
@@ -278,24 +282,56 @@ class DiffusionRequest(Request):
         sub = self.policy.sub_block(s)
         masked = np.flatnonzero(b.masked)
         cur = (b.pos + masked[0] - b.start) // sub  # the first sub-block with masks
-        # the positions this pass decides: on a block's first pass every masked one (each gets
-        # a first prediction), later only the current sub-block's
-        b.idx = masked if b.first else masked[(b.pos + masked - b.start) // sub == cur]
-        row_pos = b.pos + b.idx - (1 if self.shift else 0)  # the logit row predicting each
+        # the positions this pass decides: the current sub-block's masked ones.  A block's first
+        # pass also keeps the hidden states predicting every other masked position: their
+        # first prediction, which only the iteration cap may need (_cap_fill runs their head).
+        in_cur = (b.pos + masked - b.start) // sub == cur
+        b.idx = masked[in_cur]
+        shift = 1 if self.shift else 0
+        row_pos = b.pos + b.idx - shift  # the logit row predicting each
+        keep: list[int] = []
         if b.first or not s.dual_cache:
             pos0 = self.cache.length if b.first else b.start
             seq = self.tokens[pos0:b.pos] + b.tokens.tolist()
+            if b.first and self.policy.max_passes(s) is not None:
+                b.deferred = masked[~in_cur]
+                keep = (b.pos + b.deferred - shift - pos0).tolist()
         else:  # dual cache: the current sub-block (and the row before it) against the rest
             lo = max(b.start + cur * sub, b.pos)
             hi = min(b.start + (cur + 1) * sub, b.start + s.block_size)
-            pos0 = max(lo - (1 if self.shift else 0), b.start)
+            pos0 = max(lo - shift, b.start)
             content = self.tokens[b.start:b.pos] + b.tokens.tolist()
             seq = content[pos0 - b.start:hi - b.start]
             self._load_block_kv(b.start, pos0, hi)
         b.pos0 = pos0
         b.in_pass = row_pos >= pos0
-        return self._segment(seq, pos0, self.mask, (row_pos[b.in_pass] - pos0).tolist(),
-                             self.policy.needs_confidence and EXACT_CONFIDENCE[s.confidence])
+        seg = self._segment(seq, pos0, self.mask, (row_pos[b.in_pass] - pos0).tolist(),
+                            self._exact_confidence())
+        seg.keep = keep
+        return seg
+
+    def _exact_confidence(self) -> bool:
+        return self.policy.needs_confidence and EXACT_CONFIDENCE[self.settings.confidence]
+
+    def _cap_fill(self, b: _Block) -> None:
+        """At the iteration cap: the first pass's predictions of the positions it deferred
+        (their head now, from its kept hidden states), where no later pass was more
+        confident; then every remaining mask takes its best prediction.  The same tokens as if
+        the first pass had run the head for every masked position."""
+        sel = b.masked[b.deferred]
+        if sel.any():
+            pos = b.deferred[sel]
+            h = b.first_hidden[sel]
+            if self.settings.sampling.temperature > 0.0:
+                logits = self._model.project(h)
+                logits[:, self.mask_id] = -np.inf
+                tok, conf = pick_tokens(logits, self.settings.sampling, self.rng)
+            else:
+                tok, conf = self._model.head_argmax(h, self.mask_id, self._exact_confidence())
+            first = conf >= b.best_conf[pos]  # ties: the earlier pass
+            b.best_tok[pos[first]], b.best_conf[pos[first]] = tok[first], conf[first]
+        b.tokens[b.masked] = b.best_tok[b.masked]
+        b.masked[:] = False
 
     # -- dual cache (Fast-dLLM): the block's K/V from the latest pass that computed each ------
     def _load_block_kv(self, start: int, lo: int, hi: int) -> None:
@@ -331,6 +367,8 @@ class DiffusionRequest(Request):
     def _take(self, tok, conf):
         b, s = self.block, self.settings
         self._save_block_kv(b.start, b.pos0, len(self._last.tokens))
+        if len(self._last.keep):
+            b.first_hidden = self._last.kept
         self.cache.truncate(b.start)  # K/V from the block start on saw masks: drop them
         if not b.in_pass.all():  # only the row before the block start can precede the pass
             tok, conf = np.concatenate([b.saved[0], tok]), np.concatenate([b.saved[1], conf])
@@ -356,8 +394,7 @@ class DiffusionRequest(Request):
             done = True  # the output ends at a committed stop token: later positions unused
         cap = self.policy.max_passes(s)
         if not done and cap is not None and b.passes >= cap:
-            b.tokens[b.masked] = b.best_tok[b.masked]  # cap reached: best earlier prediction
-            b.masked[:] = False
+            self._cap_fill(b)  # cap reached: best earlier predictions
             done = True
         if not done:
             return []

@@ -6,9 +6,19 @@ import os
 
 import numba
 
-from .simd import PATHS  # the instruction paths, fastest first (names defined there)
+from . import simd
+from .amx import amx_usable
 
+# The CPU paths, fastest first: simd.PATHS (one instruction set each), and before them 'amx':
+# vnni512 everywhere, plus AMX-INT8 tiles for the ternary matmuls of several tokens.
+PATHS = ("amx",) + simd.PATHS
+_SIMD_PATH = {"amx": "vnni512"}
 ENV = "DLMNUMBA_KERNEL"  # force a path: one of PATHS, or "auto"
+
+
+def simd_path(path: str) -> str:
+    """The simd.PATHS entry whose instructions `path` uses outside the AMX matmul."""
+    return _SIMD_PATH.get(path, path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,6 +37,8 @@ def supported_paths() -> tuple[str, ...]:
     f = cpu_features()
     ok = []
     if {"avx512vnni", "avx512bw", "avx512f"} <= f:
+        if {"amx-tile", "amx-int8"} <= f and amx_usable():
+            ok.append("amx")
         ok.append("vnni512")
     if "avxvnni" in f or {"avx512vnni", "avx512vl"} <= f:
         ok.append("vnni256")

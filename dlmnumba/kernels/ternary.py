@@ -18,8 +18,10 @@ import numpy as np
 from numba import prange
 
 from .cpu import jit, pjit
+from .dispatch import simd_path
 from .simd import COLS, KSTEP, PACK_K, PATHS as SIMD_PATHS, VEC, bcast_tile, packed_vec, prefetch
 from .simd import unpack16
+from .amx import amx_usable, N_C, TILE_K, TILE_ROWS, CONFIG_BYTES, tile_config, tile_pass, tile_release
 
 PACK_BLOCK = 128  # K is padded to a multiple of this (the activations' row length too)
 ROW_ALIGN = 64  # N is padded to a multiple of this: 4 blocks, one matmul task
@@ -27,6 +29,10 @@ BLOCKS = ROW_ALIGN // COLS  # 16-row blocks per matmul task
 M_ALIGN = 6  # activation rows are padded to a multiple of this (zero rows): the tile's tokens
 K_CHUNK = 1024  # k per pass over a task's unpacked codes (64 KiB: stay in L2 beside the tokens)
 VEC_BLOCKS = 8  # 16-row blocks per parallel task of the single-token mat-vec
+# fewest tokens the 'amx' path runs on tiles: below, unpacking the codes for the tiles costs as
+# much as the VNNI tiles' arithmetic (bench/amx_matmul.py, 13824 x 2560 on 2 cores: AMX 0.8x
+# of VNNI's speed at 2 tokens, 0.95x at 6, 1.2x at 9-12, 1.5x at 16, 1.8-2.2x at 32-64)
+AMX_MIN_ROWS = 8
 
 
 def padded_k(k: int) -> int:
@@ -193,6 +199,44 @@ def ternary_matmul_simd(path, n_vec, out, q, qsum, xscale, packed, scales):
 
 
 @pjit
+def ternary_matmul_amx(out, q, qsum, xscale, packed, scales):
+    # out[M, N] = (codes[N, Kp] . q[Mq, Kp] - qsum[M]) * scales[N, 0] * (1 / xscale[M]) on AMX
+    # tiles (kernels/amx.py), Mq a multiple of 16 (zero rows): per task 4 blocks (64 rows,
+    # C tiles 0..3), per k chunk their codes unpacked once (the VNNI layout is the B tiles'
+    # layout), then every 16-token tile; one tile configuration per task.
+    m_rows, n = out.shape
+    mq, kp = q.shape
+    inv = np.empty(m_rows, np.float32)
+    for m in range(m_rows):
+        inv[m] = np.float32(1.0) / xscale[m]
+    vstride = K_CHUNK * COLS
+    for t in prange(packed.shape[0] // BLOCKS):
+        if t * ROW_ALIGN >= n:
+            continue
+        codes = np.empty((BLOCKS, vstride), np.uint8)
+        acc = np.empty((mq, ROW_ALIGN), np.int32)
+        cfg = np.empty(CONFIG_BYTES, np.uint8)
+        tile_config(cfg, TILE_ROWS)
+        for k0 in range(0, kp, K_CHUNK):
+            kn = min(kp, k0 + K_CHUNK) - k0
+            for c in range(BLOCKS):
+                unpack16(codes[c].ctypes.data, packed[t * BLOCKS + c, k0 // PACK_K].ctypes.data,
+                         kn // PACK_K)
+            nt, nk = (np.int64(t), k0 + K_CHUNK) if k0 + K_CHUNK < kp else (np.int64(t) + 1, 0)
+            if nt * BLOCKS < packed.shape[0]:
+                for c in range(BLOCKS):
+                    prefetch(packed[nt * BLOCKS + c, nk // PACK_K].ctypes.data,
+                             min(K_CHUNK, kp - nk) // PACK_K * VEC)
+            for t0 in range(0, mq, TILE_ROWS):
+                tile_pass(cfg.ctypes.data if k0 == 0 and t0 == 0 else 0,
+                          q.ctypes.data + t0 * kp + k0, kp, codes.ctypes.data,
+                          vstride, acc.ctypes.data + t0 * ROW_ALIGN * 4, ROW_ALIGN * 4,
+                          kn // TILE_K, 1 if k0 > 0 else 0)
+        tile_release()
+        _finish(out, acc, qsum, inv, scales, t * ROW_ALIGN, m_rows)
+
+
+@pjit
 def ternary_matvec_simd(path, n_vec, out, q, qsum, xscale, packed, scales):
     # out[1, N] = (codes[N, Kp] . q[0] - qsum[0]) * scales[N, 0] * (1 / xscale[0]), one token:
     # the codes are unpacked in registers straight from the packed blocks (each byte read
@@ -260,6 +304,7 @@ SIMD_MATVEC = {"vnni512": _vec_vnni512, "vnni256": _vec_vnni256, "avx2": _vec_av
 assert all(SIMD_PATHS.index(p) == i for i, p in enumerate(SIMD_MATMUL))  # literals above
 # the tile calls above pass M_ALIGN as the literal 6 (a literal must appear in the source)
 assert M_ALIGN == 6 and K_CHUNK % PACK_K == 0 and PACK_BLOCK % PACK_K == 0
+assert BLOCKS == N_C and K_CHUNK % TILE_K == 0 and PACK_BLOCK % TILE_K == 0  # the AMX kernel
 
 
 def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.ndarray,
@@ -268,7 +313,9 @@ def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.
 
     q is int8 [Mp, Kp] (rows padded to a multiple of M_ALIGN with zeros), qsum its row sums.
     Matrices with several scale groups per row use the portable kernel on every path; a
-    single token (M = 1, autoregressive decoding) the in-register unpacking mat-vec."""
+    single token (M = 1, autoregressive decoding) the in-register unpacking mat-vec; path 'amx'
+    runs AMX_MIN_ROWS or more tokens on AMX tiles and is 'vnni512' otherwise (the same integers
+    either way)."""
     m, n = out.shape
     if (q.shape[1] != packed.shape[1] * PACK_K or q.shape[0] % M_ALIGN or q.shape[0] < m
             or packed.shape[0] * COLS < n or packed.shape[0] % BLOCKS or scales.shape[0] != n):
@@ -277,8 +324,16 @@ def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.
     if scales.shape[1] != 1:
         ternary_matmul_kernel(out, q, xscale, packed, scales, group)
     elif out.shape[0] == 1:
-        SIMD_MATVEC[path](out, q, qsum, xscale, packed, scales)
+        SIMD_MATVEC[simd_path(path)](out, q, qsum, xscale, packed, scales)
+    elif path == "amx" and m >= AMX_MIN_ROWS:
+        if not amx_usable():  # also asks the OS for the tile state, once per process
+            raise ValueError("kernel path 'amx' needs AMX-INT8 and the OS's tile state")
+        if q.shape[0] % TILE_ROWS:  # whole 16-row tiles: one tile configuration throughout
+            q16 = np.zeros((-(-q.shape[0] // TILE_ROWS) * TILE_ROWS, q.shape[1]), np.int8)
+            q16[:m] = q[:m]
+            q = q16
+        ternary_matmul_amx(out, q, qsum, xscale, packed, scales)
     elif path == "portable":
         ternary_matmul_kernel(out, q, xscale, packed, scales, group)
     else:
-        SIMD_MATMUL[path](out, q, qsum, xscale, packed, scales)
+        SIMD_MATMUL[simd_path(path)](out, q, qsum, xscale, packed, scales)

@@ -80,6 +80,10 @@ class Segment:
     rows: Sequence[int] | slice | None = None  # rows wanted (indices into tokens); None = all
     output: Output = Output.LOGITS
     exclude: int | None = None  # token never picked by ARGMAX outputs (the mask token)
+    # rows (indices into tokens) whose final-normed hidden states are kept besides the output,
+    # for an LM head the caller may run later (forward_batch sets `kept`: [len(keep), n_embd])
+    keep: Sequence[int] = ()
+    kept: np.ndarray | None = None
 
     def row_indices(self, m: int) -> np.ndarray:
         """The wanted rows as indices into this segment's m tokens."""
@@ -87,7 +91,15 @@ class Segment:
             return np.arange(m)
         if isinstance(self.rows, slice):
             return np.arange(m)[self.rows]
-        idx = np.asarray(self.rows, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < -m or idx.max() >= m):
-            raise ValueError(f"rows {idx.tolist()} outside a pass of {m} tokens")
-        return np.where(idx < 0, idx + m, idx)
+        return _indices(self.rows, m, "rows")
+
+    def keep_indices(self, m: int) -> np.ndarray:
+        """The kept rows as indices into this segment's m tokens."""
+        return _indices(self.keep, m, "keep")
+
+
+def _indices(rows, m: int, what: str) -> np.ndarray:
+    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < -m or idx.max() >= m):
+        raise ValueError(f"{what} {idx.tolist()} outside a pass of {m} tokens")
+    return np.where(idx < 0, idx + m, idx)

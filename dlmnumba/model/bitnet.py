@@ -121,7 +121,8 @@ class Model:
 
     def project(self, h: np.ndarray) -> np.ndarray:
         """Logits [M, n_vocab] of final-normed hidden states h[M, n_embd]."""
-        return self.head.logits(np.ascontiguousarray(h, dtype=np.float32))
+        with self._lock:
+            return self.head.logits(np.ascontiguousarray(h, dtype=np.float32))
 
     # -- the batched pass ---------------------------------------------------------------------
     def forward_batch(self, segments: Sequence[Segment]) -> list:
@@ -134,8 +135,17 @@ class Model:
             h = self._layers(segments, plan)
             return self._outputs(segments, plan, h)
 
+    def head_argmax(self, h: np.ndarray, exclude: int | None = None,
+                    exact_confidence: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """The ARGMAX outputs of final-normed hidden states h[M, n_embd] (e.g. a Segment's
+        `kept` rows), computed as forward_batch computes them."""
+        with self._lock:
+            return self.head.argmax(np.ascontiguousarray(h, dtype=np.float32), exclude,
+                                    exact_confidence)
+
     def _prepare(self, seg: Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Validated (ids, positions, wanted rows) of one segment."""
+        """Validated (ids, positions, rows: the wanted rows, then the kept ones) of one
+        segment."""
         ids = self._check_tokens(seg.tokens)
         m = len(ids)
         c = seg.cache
@@ -145,7 +155,7 @@ class Model:
             raise ValueError(f"positions has shape {pos.shape}, expected ({m},)")
         if not isinstance(seg.mask, AttentionMask):
             raise TypeError(f"Segment.mask must be an AttentionMask, got {seg.mask!r}")
-        return ids, pos, seg.row_indices(m)
+        return ids, pos, np.concatenate([seg.row_indices(m), seg.keep_indices(m)])
 
     def _layers(self, segments: Sequence[Segment], plan) -> np.ndarray:
         """Run all segments' rows through every layer; return the final-normed hidden states of
@@ -262,18 +272,19 @@ class Model:
     def _outputs(self, segments: Sequence[Segment], plan, h: np.ndarray) -> list:
         """Each segment's output from the hidden states of its wanted rows; the LM head runs
         once per kind of output (and excluded token) over the rows of every segment asking."""
-        counts = [len(p[2]) for p in plan]
-        starts = np.cumsum([0] + counts)
+        starts = np.cumsum([0] + [len(p[2]) for p in plan])
+        counts = [len(p[2]) - len(seg.keep) for seg, p in zip(segments, plan)]
         results: list = [None] * len(segments)
         groups: dict[tuple, list[int]] = {}
         for i, seg in enumerate(segments):
+            seg.kept = h[starts[i] + counts[i]:starts[i + 1]].copy() if len(seg.keep) else None
             if seg.output is Output.HIDDEN:
-                results[i] = h[starts[i]:starts[i + 1]]
+                results[i] = h[starts[i]:starts[i] + counts[i]]
             else:
                 key = (seg.output, seg.exclude if seg.output is not Output.LOGITS else None)
                 groups.setdefault(key, []).append(i)
         for (kind, exclude), members in groups.items():
-            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+            rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in members])
             hg = np.ascontiguousarray(h[rows])
             if kind is Output.LOGITS:
                 res = self.head.logits(hg)
