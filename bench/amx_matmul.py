@@ -61,7 +61,8 @@ def main() -> None:
         if m == 1:  # one token: the mat-vec on every path
             print(f"{m:>6} {vnni:>11.2f} {'-':>8} {'-':>9}")
             continue
-        amx = median_ms(lambda: ternary_matmul_amx(out, q16, qsum, xs, packed, scales))
+        amx = median_ms(lambda: ternary_matmul_amx(out, q16, qsum, xs, packed, scales,
+                                                   args.threads))
         print(f"{m:>6} {vnni:>11.2f} {amx:>8.2f} {vnni / amx:>8.2f}x")
 
 

@@ -83,7 +83,7 @@ def replay(schedule: list[int]):
 
 
 def end_to_end(model_path: str, schedule: list[int], iterations: int, threads: int,
-               module: str) -> dict[str, float]:
+               module: str, kernel: str | None = None) -> dict[str, float]:
     """tok/s of the scheduled iterative runs (dual cache off/on where the code has it) and ar.
     `module`: where select_unmask is looked up (decode.policies now, decode.scheduler before)."""
     import importlib
@@ -91,7 +91,7 @@ def end_to_end(model_path: str, schedule: list[int], iterations: int, threads: i
     import dlmnumba
     from dlmnumba.decode.scheduler import DecodeSettings, Generator
 
-    m = dlmnumba.load_model(model_path, threads=threads)
+    m = dlmnumba.load_model(model_path, threads=threads, **({"kernel": kernel} if kernel else {}))
     prompt = m.tokenizer.encode("USER: What is the meaning of life?<|eot_id|>ASSISTANT:")
     target = importlib.import_module(module)
     runs = {"iterative 0.9, no dual cache": dict(mode="iterative", block_size=32,
@@ -125,14 +125,15 @@ def end_to_end(model_path: str, schedule: list[int], iterations: int, threads: i
     return out
 
 
-def pass_costs(model_path: str, threads: int, repeats: int) -> list[dict]:
+def pass_costs(model_path: str, threads: int, repeats: int, kernel: str | None = None
+               ) -> list[dict]:
     """ms per pass of each kind (see the module docstring)."""
     import numpy as np
 
     import dlmnumba
     from dlmnumba.model.batch import AttentionMask, Output, Segment
 
-    m = dlmnumba.load_model(model_path, threads=threads)
+    m = dlmnumba.load_model(model_path, threads=threads, kernel=kernel)
     rng = np.random.default_rng(0)
     mask_id = m.spec.mask_id
     rows = []
@@ -203,6 +204,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--schedule-examples", type=int, default=20, help="toy examples per task")
+    ap.add_argument("--kernel", help="kernel path (default: the fastest here)")
     ap.add_argument("--baseline-tree", help="another checkout: the replay runs there too")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: baseline replay
     ap.add_argument("--json", type=Path)
@@ -217,15 +219,17 @@ def main() -> None:
     schedule = toy_schedule(args.schedule_examples)
     print(f"toy schedule: {len(schedule)} passes, {sum(schedule) / len(schedule):.2f} commits "
           f"per pass (iterative 0.9, block 32 / 8)")
-    costs = pass_costs(path, args.threads, args.repeats)
-    print(f"\nms per pass ({args.threads} threads), after a prefix of ~100 tokens:")
+    costs = pass_costs(path, args.threads, args.repeats, args.kernel)
+    print(f"\nms per pass ({args.threads} threads, kernel {args.kernel or 'auto'}), after a prefix "
+          "of ~100 tokens:")
     print(f"{'block/sub':>10}{'full, all rows':>16}{'full, sub rows':>16}{'dual cache':>12}"
           f"{'dual, screened':>16}{'ar step':>10}")
     for r in costs:
         print(f"{r['block']:>6}/{r['sub_block']:<3}{r['full_block_all_rows_ms']:>16.1f}"
               f"{r['full_block_sub_rows_ms']:>16.1f}{r['dual_cache_ms']:>12.1f}"
               f"{r['dual_cache_screened_ms']:>16.1f}{r['ar_step_ms']:>10.1f}")
-    e2e = end_to_end(path, schedule, args.iterations, args.threads, "dlmnumba.decode.policies")
+    e2e = end_to_end(path, schedule, args.iterations, args.threads, "dlmnumba.decode.policies",
+                     args.kernel)
     if args.baseline_tree:
         spec = json.dumps({"model": path, "schedule": schedule, "iterations": args.iterations,
                            "threads": args.threads, "module": "dlmnumba.decode.scheduler"})

@@ -525,3 +525,27 @@ def test_screened_exact_head(m):
         mixed = work.astype(np.float64)
         p = np.exp(mixed - mixed[np.arange(m), tok][:, None]).sum(1)
         np.testing.assert_allclose(conf, 1 / p, rtol=1e-5)
+
+
+def test_exact_f16_head_tiles_give_each_row_its_own_logits():
+    """Every tile shape of the exact F16 head (1, 5, 7 tokens, 5 at a time beyond) computes a
+    row's logits bit for bit as that row alone, and within float32 rounding of float64 dots."""
+    from dlmnumba.kernels.lm_head import F16_TILES, LM_ROWS, lm_head_exact_f16
+    if NO_JIT:
+        pytest.skip("LLVM intrinsics need the JIT")
+    rng = np.random.default_rng(5)
+    v, k = 301, 256
+    e16 = rng.standard_normal((v, k)).astype(np.float16)
+    h = rng.standard_normal((12, k)).astype(np.float32)
+    n_tasks = -(-v // LM_ROWS)
+    alone = np.empty((12, v), np.float32)
+    for i in range(12):
+        lm_head_exact_f16(alone[i:i + 1], np.empty((n_tasks, 1, 3)), h[i:i + 1],
+                          e16.view(np.uint16), -1)
+    ref = h.astype(np.float64) @ e16.astype(np.float64).T
+    np.testing.assert_allclose(alone, ref, rtol=1e-5, atol=1e-4)
+    assert {t for _, t, _ in F16_TILES} == {1, 5, 7}
+    for m in range(2, 13):
+        out = np.empty((m, v), np.float32)
+        lm_head_exact_f16(out, np.empty((n_tasks, m, 3)), h[:m], e16.view(np.uint16), -1)
+        assert np.array_equal(out, alone[:m]), m

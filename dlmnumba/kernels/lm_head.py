@@ -23,7 +23,7 @@ import numpy as np
 from numba import prange
 
 from .cpu import jit, pjit
-from .simd import COLS, F16_LANES, F16_TILE, F16_TOK, KSTEP, PATHS as SIMD_PATHS
+from .simd import COLS, F16_ACC, F16_LANES, F16_TILE, KSTEP, PATHS as SIMD_PATHS
 from .simd import bcast_tile, exp_sum, f16_rows, f16_tile
 from .ternary import M_ALIGN
 
@@ -113,34 +113,36 @@ def lm_head_int8(path, n_vec, logits, part, u, xscale, e8, e_inv, e_sum, exclude
 
 
 @pjit
-def lm_head_f16(n_tok, logits, part, h, e16, exclude):
+def lm_head_f16(n_rows, n_tok, logits, part, h, e16, exclude):
     # logits[M, V] = h[M, K] . e16[V, K] (F16 bits, the stored embedding) in float32, or
-    # fused partials (see _emit).  h has rows padded to a multiple of n_tok (zeros); K % 16 == 0.
+    # fused partials (see _emit); tiles of n_rows embedding rows x n_tok tokens (literals).
+    # h has rows padded to a multiple of n_tok (zeros); K % 16 == 0.
     mp, k = h.shape
     v = e16.shape[0]
     m_rows = part.shape[1]
+    lr = numba.literally(n_rows)
     lit = numba.literally(n_tok)
     for t in prange((v + LM_ROWS - 1) // LM_ROWS):
-        acc = np.zeros((F16_TILE * F16_TOK, F16_LANES), np.float32)
+        acc = np.zeros((F16_ACC, F16_LANES), np.float32)
         r0 = t * LM_ROWS
         nr = min(LM_ROWS, v - r0)
         blk = np.empty((m_rows, nr), np.float32)
-        for c0 in range(0, nr, F16_TILE):
-            rows = min(F16_TILE, nr - c0)
-            src = e16[r0 + c0:r0 + c0 + F16_TILE]
-            if rows < F16_TILE:  # last rows of the vocabulary: a padded copy, no read past the end
-                tail = np.zeros((F16_TILE, k), np.uint16)
+        for c0 in range(0, nr, lr):
+            rows = min(lr, nr - c0)
+            src = e16[r0 + c0:r0 + c0 + lr]
+            if rows < lr:  # last rows of the vocabulary: a padded copy, no read past the end
+                tail = np.zeros((lr, k), np.uint16)
                 tail[:rows] = e16[r0 + c0:r0 + c0 + rows]
                 src = tail
             for m0 in range(0, m_rows, lit):
                 acc[:] = 0
-                f16_tile(4, lit, src.ctypes.data, 2 * k, h.ctypes.data + 4 * m0 * k, 4 * k,
+                f16_tile(lr, lit, src.ctypes.data, 2 * k, h.ctypes.data + 4 * m0 * k, 4 * k,
                          k // 16, acc.ctypes.data)
                 for i in range(rows):
                     for j in range(min(lit, m_rows - m0)):
                         x = np.float32(0.0)
                         for lane in range(F16_LANES):
-                            x += acc[i * F16_TOK + j, lane]
+                            x += acc[i * lit + j, lane]
                         blk[m0 + j, c0 + i] = x
         _emit(blk, logits, part, t, r0, exclude)
 
@@ -205,7 +207,7 @@ def screen_exact_f16(tokens, conf, approx, u, xscale, h, e16, err_h, norm8, excl
             row[exclude] = -np.inf
         lo = _best_lower_bound(row, err_h, norm8, a32, b32)
         # rows that may win, in ascending order, rescored 4 at a time (independent chains)
-        acc = np.zeros((F16_TILE * F16_TOK, F16_LANES), np.float32)
+        acc = np.zeros((F16_TILE, F16_LANES), np.float32)
         pend = np.zeros(F16_TILE, np.int64)
         n = 0
         best, best_val = -1, np.float32(-np.inf)
@@ -237,7 +239,7 @@ def _rescore(row, pend, n, e16, acc, h, best, best_val):
     for j in range(n):
         x = np.float32(0.0)
         for lane in range(F16_LANES):
-            x += acc[j * F16_TOK, lane]
+            x += acc[j, lane]
         row[pend[j]] = x
         if x > best_val:
             best, best_val = pend[j], x
@@ -363,31 +365,47 @@ def lm_head_int8_run(path: str, logits: np.ndarray, part: np.ndarray, u: np.ndar
     LM_HEAD[path](logits, part, u, xscale, e8, e_inv, e_sum, exclude)
 
 
+# exact-head tiles (embedding rows x tokens) by token count.  A pass over the embedding costs
+# about the same for 1 to 5 tokens (streaming and converting the F16 rows dominates: 30-39 ms
+# for 2B-4T's 657 MB on 2 cores), so few tokens take one pass: 4 x 1, 4 x 5, and 4 x 7 (28
+# accumulators: 46 ms for 6-7 tokens instead of two 4 x 5 passes' 55-57); more go 5 at a time
+# (each 4-row group read from memory once, then from cache).
 @jit
 def _f16_one(logits, part, h, e16, exclude):
-    lm_head_f16(1, logits, part, h, e16, exclude)
+    lm_head_f16(4, 1, logits, part, h, e16, exclude)
+
+
+@jit
+def _f16_seven(logits, part, h, e16, exclude):
+    lm_head_f16(4, 7, logits, part, h, e16, exclude)
 
 
 @jit
 def _f16_many(logits, part, h, e16, exclude):
-    lm_head_f16(5, logits, part, h, e16, exclude)
+    lm_head_f16(4, 5, logits, part, h, e16, exclude)
+
+
+# (most tokens, the tile's tokens, entry), the first that fits
+F16_TILES = ((1, 1, _f16_one), (5, 5, _f16_many), (7, 7, _f16_seven), (None, 5, _f16_many))
 
 
 def lm_head_exact_f16(logits: np.ndarray, part: np.ndarray, h: np.ndarray, e16: np.ndarray,
                       exclude: int) -> None:
     """The exact LM head over an F16 embedding (e16: its uint16 bits) for the first M rows of
-    h[>= M, K] float32, M = part.shape[1]; see lm_head_f16."""
+    h[>= M, K] float32, M = part.shape[1]; see lm_head_f16.  Every tile shape gives the same
+    logits (each is one chain of fused multiply-adds per lane in k order)."""
     m, k = part.shape[1], h.shape[1]
     if h.shape[0] < m or k != e16.shape[1] or k % 16:
         raise ValueError(f"exact LM head operands do not fit: h {h.shape}, e16 {e16.shape}, "
                          f"{m} tokens")
-    if m == 1:
-        _f16_one(logits, part, np.ascontiguousarray(h[:1]), e16, exclude)
+    tok, fn = next((t, f) for most, t, f in F16_TILES if most is None or m <= most)
+    mp = -(-m // tok) * tok  # the tile reads whole groups of its token rows
+    if mp == m and h.flags.c_contiguous and h.shape[0] == m:
+        fn(logits, part, h, e16, exclude)
         return
-    mp = -(-m // F16_TOK) * F16_TOK  # the tile reads whole groups of F16_TOK rows
     hp = np.zeros((mp, k), np.float32)
     hp[:m] = h[:m]
-    _f16_many(logits, part, hp, e16, exclude)
+    fn(logits, part, hp, e16, exclude)
 
 
 @pjit

@@ -474,21 +474,25 @@ def _exp_emitter(builder, t):
     return emit
 
 
-F16_TILE = 4  # embedding rows per exact-head tile
-F16_TOK = 5  # token rows per exact-head tile, at most (accumulator buffer rows per embedding row)
+F16_TILE = 4  # embedding rows per exact-head tile, at most
+F16_ACC = 28  # (embedding row, token) accumulators per exact-head tile, at most (of 32 registers)
 F16_LANES = 16  # float32 lanes kept per (row, token) pair in its accumulator buffer
 
 
 @intrinsic
 def f16_tile(typingctx, n_rows, n_tok, e_addr, e_stride, h_addr, h_stride, n_steps, acc_addr):
-    """Exact-head tile: acc[i * F16_TOK + j, :] += lanes of sum_k float(E[i, k]) * H[j, k] for
-    n_rows F16 rows i (stride in bytes) and n_tok float32 rows j (literals, 1..4 and 1..5),
-    k < 16 * n_steps.
+    """Exact-head tile: acc[i * n_tok + j, :] += lanes of sum_k float(E[i, k]) * H[j, k] for
+    n_rows F16 rows i (stride in bytes) and n_tok float32 rows j (literals, n_rows <= F16_TILE,
+    n_rows * n_tok <= F16_ACC), k < 16 * n_steps.
     Each (i, j) lane is its own chain of fused multiply-adds in k order, whatever the tile's
     shape.  Plain vector IR (fpext half -> float, llvm.fmuladd): vcvtph2ps where the CPU has
     F16C, fused multiply-add where it has FMA, separate multiply and add elsewhere."""
     if not _literals(n_rows, n_tok):
         return None
+    if not (n_rows.literal_value <= F16_TILE and n_rows.literal_value * n_tok.literal_value
+            <= F16_ACC):
+        raise ValueError(f"f16_tile {n_rows.literal_value} x {n_tok.literal_value} exceeds "
+                         f"{F16_TILE} rows / {F16_ACC} accumulators")
     sig = types.void(n_rows, n_tok, types.intp, types.intp, types.intp, types.intp, types.intp,
                      types.intp)
     return sig, _f16_codegen(n_rows.literal_value, n_tok.literal_value)
@@ -515,7 +519,7 @@ def _f16_codegen(n_rows: int, n_tok: int, gather: bool = False):
             return builder.load(ptr, align=1)
 
         def acc_ptr(i, j):
-            p = builder.gep(acc_base, [ir.Constant(_I64, (i * F16_TOK + j) * F16_LANES)])
+            p = builder.gep(acc_base, [ir.Constant(_I64, (i * n_tok + j) * F16_LANES)])
             return builder.bitcast(p, f32x16.as_pointer())
 
         accs = [[cgutils.alloca_once_value(builder, builder.load(acc_ptr(i, j), align=4))
@@ -540,7 +544,7 @@ def _f16_codegen(n_rows: int, n_tok: int, gather: bool = False):
 
 @intrinsic
 def f16_rows(typingctx, a0, a1, a2, a3, h_addr, n_steps, acc_addr):
-    """f16_tile for 4 F16 rows at any 4 addresses and one token: acc[F16_TOK i, :] += lanes of
+    """f16_tile for 4 F16 rows at any 4 addresses and one token: acc[i, :] += lanes of
     sum_k float(E_i[k]) * h[k], the same chains of fused multiply-adds as f16_tile."""
     sig = types.void(*([types.intp] * 7))
     return sig, _f16_codegen(4, 1, gather=True)

@@ -30,8 +30,9 @@ M_ALIGN = 6  # activation rows are padded to a multiple of this (zero rows): the
 K_CHUNK = 1024  # k per pass over a task's unpacked codes (64 KiB: stay in L2 beside the tokens)
 VEC_BLOCKS = 8  # 16-row blocks per parallel task of the single-token mat-vec
 # fewest tokens the 'amx' path runs on tiles: below, unpacking the codes for the tiles costs as
-# much as the VNNI tiles' arithmetic (bench/amx_matmul.py, 13824 x 2560 on 2 cores: AMX 0.8x
-# of VNNI's speed at 2 tokens, 0.95x at 6, 1.2x at 9-12, 1.5x at 16, 1.8-2.2x at 32-64)
+# much as the VNNI tiles' arithmetic (bench/amx_matmul.py, 2 cores, AMX vs VNNI speed: 13824 x
+# 2560: 0.7x at 2 tokens, 0.8x at 6, 1.1x at 9-12, 1.4x at 16, 1.5-1.9x at 32-64; 2560 x 6912:
+# 0.8x, 1.0x, 1.0-1.4x, 1.6x, 2.0-2.3x)
 AMX_MIN_ROWS = 8
 
 
@@ -199,41 +200,45 @@ def ternary_matmul_simd(path, n_vec, out, q, qsum, xscale, packed, scales):
 
 
 @pjit
-def ternary_matmul_amx(out, q, qsum, xscale, packed, scales):
+def ternary_matmul_amx(out, q, qsum, xscale, packed, scales, n_threads):
     # out[M, N] = (codes[N, Kp] . q[Mq, Kp] - qsum[M]) * scales[N, 0] * (1 / xscale[M]) on AMX
     # tiles (kernels/amx.py), Mq a multiple of 16 (zero rows): per task 4 blocks (64 rows,
     # C tiles 0..3), per k chunk their codes unpacked once (the VNNI layout is the B tiles'
-    # layout), then every 16-token tile; one tile configuration per task.
+    # layout), then every 16-token tile.  Each thread configures the tiles once and runs every
+    # n_threads-th task (configuring and releasing per task costs as much as small tiles' work).
     m_rows, n = out.shape
     mq, kp = q.shape
     inv = np.empty(m_rows, np.float32)
     for m in range(m_rows):
         inv[m] = np.float32(1.0) / xscale[m]
     vstride = K_CHUNK * COLS
-    for t in prange(packed.shape[0] // BLOCKS):
-        if t * ROW_ALIGN >= n:
-            continue
+    n_tasks = min(packed.shape[0] // BLOCKS, -(-n // ROW_ALIGN))
+    n_workers = max(1, min(n_threads, n_tasks))
+    for w in prange(n_workers):
         codes = np.empty((BLOCKS, vstride), np.uint8)
         acc = np.empty((mq, ROW_ALIGN), np.int32)
         cfg = np.empty(CONFIG_BYTES, np.uint8)
         tile_config(cfg, TILE_ROWS)
-        for k0 in range(0, kp, K_CHUNK):
-            kn = min(kp, k0 + K_CHUNK) - k0
-            for c in range(BLOCKS):
-                unpack16(codes[c].ctypes.data, packed[t * BLOCKS + c, k0 // PACK_K].ctypes.data,
-                         kn // PACK_K)
-            nt, nk = (np.int64(t), k0 + K_CHUNK) if k0 + K_CHUNK < kp else (np.int64(t) + 1, 0)
-            if nt * BLOCKS < packed.shape[0]:
+        first = True
+        for t in range(w, n_tasks, n_workers):
+            for k0 in range(0, kp, K_CHUNK):
+                kn = min(kp, k0 + K_CHUNK) - k0
                 for c in range(BLOCKS):
-                    prefetch(packed[nt * BLOCKS + c, nk // PACK_K].ctypes.data,
-                             min(K_CHUNK, kp - nk) // PACK_K * VEC)
-            for t0 in range(0, mq, TILE_ROWS):
-                tile_pass(cfg.ctypes.data if k0 == 0 and t0 == 0 else 0,
-                          q.ctypes.data + t0 * kp + k0, kp, codes.ctypes.data,
-                          vstride, acc.ctypes.data + t0 * ROW_ALIGN * 4, ROW_ALIGN * 4,
-                          kn // TILE_K, 1 if k0 > 0 else 0)
+                    unpack16(codes[c].ctypes.data,
+                             packed[t * BLOCKS + c, k0 // PACK_K].ctypes.data, kn // PACK_K)
+                nt, nk = ((np.int64(t), k0 + K_CHUNK) if k0 + K_CHUNK < kp
+                          else (np.int64(t) + n_workers, 0))
+                if nt < n_tasks:
+                    for c in range(BLOCKS):
+                        prefetch(packed[nt * BLOCKS + c, nk // PACK_K].ctypes.data,
+                                 min(K_CHUNK, kp - nk) // PACK_K * VEC)
+                for t0 in range(0, mq, TILE_ROWS):
+                    tile_pass(cfg.ctypes.data if first else 0, q.ctypes.data + t0 * kp + k0, kp,
+                              codes.ctypes.data, vstride, acc.ctypes.data + t0 * ROW_ALIGN * 4,
+                              ROW_ALIGN * 4, kn // TILE_K, 1 if k0 > 0 else 0)
+                    first = False
+            _finish(out, acc, qsum, inv, scales, t * ROW_ALIGN, m_rows)
         tile_release()
-        _finish(out, acc, qsum, inv, scales, t * ROW_ALIGN, m_rows)
 
 
 @pjit
@@ -332,7 +337,7 @@ def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.
             q16 = np.zeros((-(-q.shape[0] // TILE_ROWS) * TILE_ROWS, q.shape[1]), np.int8)
             q16[:m] = q[:m]
             q = q16
-        ternary_matmul_amx(out, q, qsum, xscale, packed, scales)
+        ternary_matmul_amx(out, q, qsum, xscale, packed, scales, numba.get_num_threads())
     elif path == "portable":
         ternary_matmul_kernel(out, q, xscale, packed, scales, group)
     else:
