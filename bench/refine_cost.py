@@ -18,9 +18,10 @@ shape, in one run.
    forced commit schedule: random weights give meaningless confidences, so the bundled toy
    model's own per-pass commit counts (iterative 0.9 on its held-out tasks) are recorded and
    replayed (each pass commits that many of the current sub-block's most confident
-   positions); without and with the dual cache, and `ar`, same run.  With --baseline-tree the
-   same replay runs on another checkout (e.g. the commit before sub-block rows) in a child
-   process, in the same run.
+   positions); without and with the dual cache, and `ar`, same run, taking turns (one
+   generation each per round, `--iterations` rounds).  With --baseline-tree the same replay
+   runs on another checkout (e.g. the commit before sub-block rows) in a child process, in the
+   same run.
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def end_to_end(model_path: str, schedule: list[int], iterations: int, threads: i
     runs = {"iterative 0.9, no dual cache": dict(mode="iterative", block_size=32,
                                                  small_block_size=8, threshold=0.9),
             "ar": dict(mode="ar")}
-    if "dual_cache" in DecodeSettings.__dataclass_fields__:
+    if "dual_cache" in DecodeSettings.__dataclass_fields__:  # (its default is on now)
+        runs["iterative 0.9, no dual cache"]["dual_cache"] = False
         runs["iterative 0.9, dual cache"] = dict(mode="iterative", block_size=32,
                                                  small_block_size=8, threshold=0.9,
                                                  dual_cache=True)
@@ -105,24 +107,27 @@ def end_to_end(model_path: str, schedule: list[int], iterations: int, threads: i
         runs["iterative 0.9, dual cache, screened confidence"] = dict(
             mode="iterative", block_size=32, small_block_size=8, threshold=0.9,
             dual_cache=True, confidence="screened")
-    out = {}
+    # round robin (one generation of each run in turn), so a slow spell of the machine hits
+    # every run alike; each run replays the schedule from its own position
+    gens = {}
     for name, kw in runs.items():
         gen = Generator(m, DecodeSettings(max_tokens=128, **kw))
         gen.eog = frozenset()
-        real = target.select_unmask
-        target.select_unmask = replay(schedule)
-        try:
-            gen.generate(prompt)  # warm-up
-            t0 = time.perf_counter()
-            passes = 0
-            for _ in range(iterations):
-                passes += gen.generate(prompt).stats.forward_passes
-            wall = time.perf_counter() - t0
-        finally:
-            target.select_unmask = real
-        out[name] = {"tok_s": iterations * 128 / wall,
-                     "tokens_per_pass": iterations * 128 / passes}
-    return out
+        gens[name] = [gen, replay(schedule), 0.0, 0]
+    real = target.select_unmask
+    try:
+        for it in range(iterations + 1):  # the first round warms up
+            for name, g in gens.items():
+                target.select_unmask = g[1]
+                t0 = time.perf_counter()
+                passes = g[0].generate(prompt).stats.forward_passes
+                if it:
+                    g[2] += time.perf_counter() - t0
+                    g[3] += passes
+    finally:
+        target.select_unmask = real
+    return {name: {"tok_s": iterations * 128 / wall, "tokens_per_pass": iterations * 128 / passes}
+            for name, (_, _, wall, passes) in gens.items()}
 
 
 def pass_costs(model_path: str, threads: int, repeats: int, kernel: str | None = None
