@@ -11,7 +11,7 @@ each other; `check_values` does both for a plain {key: value} dict.  Errors are 
 (also a ValueError) naming the source, the key, the value and what was expected.
 
 This module imports nothing of ours but errors.py, the kernel path names and the decode modes'
-registry (decode/policies.py, decode/requests.py: neither imports settings).
+registry (decode/policies.py, decode/modes.py: neither imports settings).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .decode.policies import POLICIES
-from .decode.requests import MODES
+from .decode.modes import MODES
 from .errors import ConfigError
 from .kernels.dispatch import PATHS as KERNEL_PATHS
 
@@ -105,7 +105,7 @@ class Setting:
         return f"null or {what}" if self.nullable else what
 
 
-# decode modes (MODES): the registered unmasking policies and `ar` (decode/requests.py)
+# decode modes (MODES): the registered unmasking policies and `ar` (decode/modes.py)
 REFINING_MODES = tuple(name for name, p in POLICIES.items() if p.refines)  # use small blocks
 
 SETTINGS_LIST: tuple[Setting, ...] = (

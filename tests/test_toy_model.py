@@ -156,7 +156,7 @@ def test_refinement_stops_at_a_committed_stop_token_without_changing_the_output(
     settings = DecodeSettings(mode="iterative", block_size=32, threshold=0.9, max_tokens=48)
     prompts = [toy.tokenizer.encode(chat_prompt(toy.file.metadata, e.prompt)) for e in E.examples_for(E.T.TASKS, 3)]
     early = [Generator(toy, settings).generate(p) for p in prompts]
-    from dlmnumba.decode.requests import DiffusionRequest
+    from dlmnumba.decode.diffusion import DiffusionRequest
     monkeypatch.setattr(DiffusionRequest, "_stopped", lambda self, block: False)
     full = [Generator(toy, settings).generate(p) for p in prompts]
     assert [g.tokens for g in early] == [g.tokens for g in full]

@@ -4,7 +4,7 @@ A policy answers, for the block being decoded: how large its sub-blocks are (the
 pass decides, refined in order), which masked positions of the current sub-block a pass
 commits, whether its decisions read the confidence (so the LM head must compute it exactly),
 and how many passes a block may take before the rest is filled with the best predictions seen.
-The scheduler (decode/requests.py) never looks at a mode's name; adding a policy is a class
+The scheduler (decode/diffusion.py) never looks at a mode's name; adding a policy is a class
 here and one `register` line.
 """
 from __future__ import annotations

@@ -6,28 +6,22 @@ loop in `Generator`, or the batching `Engine`) asks each unfinished request for 
 (a `model.batch.Segment`), runs the passes of many requests in one `Model.forward_batch`, and
 feeds each request its part of the result; `feed` returns the tokens that pass committed.
 
-KV-cache discipline of the diffusion modes (kv_commit 'normal'): before a block is decoded
-the cache holds the K/V of the real tokens of every earlier block, and nothing else.  No extra
-pass does it: the first pass of a block is [real tokens not yet cached, masks of the block],
-which writes the K/V of the block finished before it; after each pass the cache is cut back to
-the block start, dropping the K/V that saw masks.  The last block's tokens stay pending
-(`pending()`), to be written by whatever pass continues the sequence.
-
 kv_commit 'none' replays the seed server's scheduling for like-for-like speed comparisons:
 prefill, one autoregressive token, then per block one pass of [previous token, masks] whose
 mask K/V stay in the cache as stale entries.  Its output quality suffers.
+
+The diffusion state machine is in decode/diffusion.py; which machine runs a mode, in
+decode/modes.py.
 """
 from __future__ import annotations
 
 import time
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import DecodeError
 from ..model.batch import CAUSAL_MASK, AttentionMask, Output, Segment
-from .policies import POLICIES, Policy
 from .strategies import pick_tokens
 
 
@@ -226,203 +220,7 @@ class SeedReplayRequest(Request):
     reusable_kv = False  # stale mask K/V and an overwritten prompt slot
 
 
-@dataclass
-class _Block:
-    """The block being decoded: positions pos.. up to end, aligned at start."""
-
-    pos: int
-    start: int
-    tokens: np.ndarray  # current content: decided tokens and masks
-    masked: np.ndarray  # still to decide
-    best_tok: np.ndarray  # most confident prediction seen per position
-    best_conf: np.ndarray
-    first: bool = True  # the next pass is the block's first (it also writes the K/V before it)
-    passes: int = 0
-    step: int = 0  # refinement step within the active sub-block
-    active_sub: int = -1
-    saved: tuple | None = None  # pick of the row before the block start (fixed once computed)
-    pos0: int = 0  # of the pass in flight: its first position
-    idx: np.ndarray | None = None  # ... the masked block indices it decides
-    in_pass: np.ndarray | None = None  # ... and which of them have their row in the pass
-    deferred: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
-    first_hidden: np.ndarray | None = None  # the first pass's hidden states predicting them
-
-
-class DiffusionRequest(Request):
-    """Fast-dLLM v2 block decoding with a clean prefix cache, positions committed by a policy
-    (see the module docstring)."""
-
-    def __init__(self, model, prompt, settings, mask_id, eog, cache=None):
-        super().__init__(model, prompt, settings, mask_id, eog, cache)
-        if mask_id is None:
-            raise DecodeError(
-                f"{model.path}: the model declares no mask token, so mode "
-                f"'{settings.mode}' cannot run; pass --mask-token-id ID or use --mode ar")
-        self.policy: Policy = POLICIES[settings.mode]
-        self._model = model  # its LM head, for the first pass's deferred rows (_cap_fill)
-        self.mask = ATTENTIONS[settings.attention](settings.block_size)
-        self.tokens = list(self.prompt)  # prompt + every finished block
-        self.block: _Block | None = None
-
-    def _new_block(self) -> _Block:
-        s = self.settings
-        pos = len(self.tokens)
-        start = pos // s.block_size * s.block_size
-        n = start + s.block_size - pos
-        need = min(n, s.max_tokens - (pos - len(self.prompt)))
-        masked = np.ones(n, bool)
-        masked[need:] = False  # beyond max_tokens: never committed, still masks in the pass
-        return _Block(pos, start, np.full(n, self.mask_id, np.int64), masked,
-                      np.zeros(n, np.int64), np.full(n, -1.0, np.float32))
-
-    def _plan(self):
-        if self.block is None:
-            self.block = self._new_block()
-        b, s = self.block, self.settings
-        sub = self.policy.sub_block(s)
-        masked = np.flatnonzero(b.masked)
-        cur = (b.pos + masked[0] - b.start) // sub  # the first sub-block with masks
-        # the positions this pass decides: the current sub-block's masked ones.  A block's first
-        # pass also keeps the hidden states predicting every other masked position: their
-        # first prediction, which only the iteration cap may need (_cap_fill runs their head).
-        in_cur = (b.pos + masked - b.start) // sub == cur
-        b.idx = masked[in_cur]
-        shift = 1 if self.shift else 0
-        row_pos = b.pos + b.idx - shift  # the logit row predicting each
-        keep: list[int] = []
-        if b.first or not s.dual_cache:
-            pos0 = self.cache.length if b.first else b.start
-            seq = self.tokens[pos0:b.pos] + b.tokens.tolist()
-            if b.first and self.policy.max_passes(s) is not None:
-                b.deferred = masked[~in_cur]
-                keep = (b.pos + b.deferred - shift - pos0).tolist()
-        else:  # dual cache: the current sub-block (and the row before it) against the rest
-            lo = max(b.start + cur * sub, b.pos)
-            hi = min(b.start + (cur + 1) * sub, b.start + s.block_size)
-            pos0 = max(lo - shift, b.start)
-            content = self.tokens[b.start:b.pos] + b.tokens.tolist()
-            seq = content[pos0 - b.start:hi - b.start]
-            self._load_block_kv(b.start, pos0, hi)
-        b.pos0 = pos0
-        b.in_pass = row_pos >= pos0
-        seg = self._segment(seq, pos0, self.mask, (row_pos[b.in_pass] - pos0).tolist(),
-                            self._exact_confidence())
-        seg.keep = keep
-        return seg
-
-    def _exact_confidence(self) -> bool:
-        return self.policy.needs_confidence and EXACT_CONFIDENCE[self.settings.confidence]
-
-    def _cap_fill(self, b: _Block) -> None:
-        """At the iteration cap: the first pass's predictions of the positions it deferred
-        (their head now, from its kept hidden states), where no later pass was more
-        confident; then every remaining mask takes its best prediction.  The same tokens as if
-        the first pass had run the head for every masked position."""
-        sel = b.masked[b.deferred]
-        if sel.any():
-            pos = b.deferred[sel]
-            h = b.first_hidden[sel]
-            if self.settings.sampling.temperature > 0.0:
-                logits = self._model.project(h)
-                logits[:, self.mask_id] = -np.inf
-                tok, conf = pick_tokens(logits, self.settings.sampling, self.rng)
-            else:
-                tok, conf = self._model.head_argmax(h, self.mask_id, self._exact_confidence())
-            first = conf >= b.best_conf[pos]  # ties: the earlier pass
-            b.best_tok[pos[first]], b.best_conf[pos[first]] = tok[first], conf[first]
-        b.tokens[b.masked] = b.best_tok[b.masked]
-        b.masked[:] = False
-
-    # -- dual cache (Fast-dLLM): the block's K/V from the latest pass that computed each ------
-    def _load_block_kv(self, start: int, lo: int, hi: int) -> None:
-        """Cache slots from `start`: the block K/V of every block position outside [lo, hi) (the
-        pass appends its own after them)."""
-        c, keep = self.cache, self._outside
-        keep[:] = True
-        keep[lo - start:hi - start] = False
-        n = int(keep.sum())
-        c.reserve(n + hi - lo)
-        c.k[:, :, start:start + n] = self._bk[:, :, keep]
-        c.v[:, :, start:start + n] = self._bv[:, :, keep]
-        c.pos[start:start + n] = start + np.flatnonzero(keep)
-        c.length = start + n
-
-    def _save_block_kv(self, start: int, pos0: int, m: int) -> None:
-        """After a pass of m positions from pos0 (its K/V in the cache's last m slots)."""
-        if not self.settings.dual_cache:
-            return
-        if not hasattr(self, "_bk"):
-            c, n = self.cache, self.settings.block_size
-            self._bk = np.empty(c.k.shape[:2] + (n,) + c.k.shape[3:], np.float32)
-            self._bv = np.empty_like(self._bk)
-            self._outside = np.ones(n, bool)
-        c = self.cache
-        first = c.length - m
-        lo = pos0 - start
-        if lo < 0:  # a block's first pass also held real tokens before the block
-            first, m, lo = first - lo, m + lo, 0
-        self._bk[:, :, lo:lo + m] = c.k[:, :, first:first + m]
-        self._bv[:, :, lo:lo + m] = c.v[:, :, first:first + m]
-
-    def _take(self, tok, conf):
-        b, s = self.block, self.settings
-        self._save_block_kv(b.start, b.pos0, len(self._last.tokens))
-        if len(self._last.keep):
-            b.first_hidden = self._last.kept
-        self.cache.truncate(b.start)  # K/V from the block start on saw masks: drop them
-        if not b.in_pass.all():  # only the row before the block start can precede the pass
-            tok, conf = np.concatenate([b.saved[0], tok]), np.concatenate([b.saved[1], conf])
-        elif b.first and self.shift and b.pos == b.start and b.pos0 < b.start:
-            b.saved = (tok[:1].copy(), conf[:1].copy())
-        b.first = False
-        b.passes += 1
-        idx = b.idx
-        better = conf > b.best_conf[idx]
-        b.best_tok[idx[better]], b.best_conf[idx[better]] = tok[better], conf[better]
-        # refine the first sub-block (aligned at absolute positions) that still has masks
-        sub_of = (b.pos + idx - b.start) // self.policy.sub_block(s)
-        cur = sub_of == sub_of.min()
-        if sub_of.min() != b.active_sub:
-            b.active_sub, b.step = int(sub_of.min()), 0
-        chosen = self.policy.commit(conf[cur], b.step, s)
-        commit = idx[cur][chosen]
-        b.tokens[commit] = tok[cur][chosen]
-        b.masked[commit] = False
-        b.step += 1
-        done = not b.masked.any()
-        if not done and self._stopped(b):
-            done = True  # the output ends at a committed stop token: later positions unused
-        cap = self.policy.max_passes(s)
-        if not done and cap is not None and b.passes >= cap:
-            self._cap_fill(b)  # cap reached: best earlier predictions
-            done = True
-        if not done:
-            return []
-        new = [int(t) for t in b.tokens]
-        self.tokens += new
-        self.block = None
-        return self._emit(new)
-
-    def _stopped(self, b: _Block) -> bool:
-        """Whether a committed end-of-generation token has every position before it decided."""
-        for i in range(b.tokens.shape[0]):
-            if b.masked[i]:
-                return False
-            if int(b.tokens[i]) in self.eog:
-                return True
-        return False
-
-
 # attention setting -> the mask of a block size
 ATTENTIONS = {"block": AttentionMask.block, "causal": lambda block_size: CAUSAL_MASK}
 # confidence setting -> whether the LM head computes the confidence exactly (model/heads.py)
 EXACT_CONFIDENCE = {"exact": True, "screened": False}
-# kv_commit setting -> the request class of the diffusion modes
-KV_COMMITS = {"normal": DiffusionRequest, "none": SeedReplayRequest}
-AR_MODE = "ar"  # the one mode that is not a diffusion policy
-MODES = (*POLICIES, AR_MODE)
-
-
-def request_class(settings) -> type[Request]:
-    """The state machine that decodes with these settings."""
-    return ARRequest if settings.mode == AR_MODE else KV_COMMITS[settings.kv_commit]

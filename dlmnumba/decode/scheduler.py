@@ -1,6 +1,7 @@
 """Decoding API: settings, the Generator (one request at a time, or many decoded together).
 
-Layering: `decode/requests.py` holds each request's state machine (next_pass / feed),
+Layering: `decode/requests.py` and `decode/diffusion.py` hold the request state machines
+(next_pass / feed; `decode/modes.py` picks one per mode),
 `decode/policies.py` the unmasking policies by name, `decode/strategies.py` token picking;
 `engine.py` steps many requests with one `Model.forward_batch` per step.  A Generator holds
 only what every request shares (model, default settings, mask and stop tokens), so one
@@ -15,7 +16,8 @@ from ..errors import DecodeError
 from ..gguf.spec import MASK_TOKEN_TEXT as MASK_TEXT
 from ..model.bitnet import Model
 from ..model.kv_cache import KVCache
-from .requests import ATTENTIONS, AR_MODE, Request, RequestStats, request_class
+from .modes import AR_MODE, request_class
+from .requests import ATTENTIONS, Request, RequestStats
 from ..model.batch import Output, Segment
 from .strategies import Sampling
 
