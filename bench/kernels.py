@@ -19,8 +19,9 @@ from numba import prange
 
 from dlmnumba.kernels.cpu import set_threads
 from dlmnumba.kernels.dispatch import select_path
-from dlmnumba.kernels.lm_head import (LM_HEAD, LM_ROWS, TILE_PATH, exact_argmax_screened,
-                                      interleave_rows, lm_head_exact_f16)
+from dlmnumba.kernels.lm_head import (LM_HEAD, LM_ROWS, TILE_PATH, interleave_rows,
+                                      lm_head_exact_f16)
+from dlmnumba.kernels.lm_screen import exact_argmax_screened
 from dlmnumba.kernels.simd import bcast_tile
 from dlmnumba.kernels.ternary import M_ALIGN, pack_codes, padded_k, ternary_matmul
 from dlmnumba.model.weights import F16, Embedding, quantize_head

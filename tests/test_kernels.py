@@ -478,13 +478,13 @@ def _screen_case(rng, v, k, m):
 
 @pytest.mark.parametrize("m", [1, 5])
 def test_screened_exact_head(m):
-    """The int8 screen (lm_head.screen_exact_f16) against the exact F16 head: the documented
+    """The int8 screen (lm_screen.screen_exact_f16) against the exact F16 head: the documented
     bound holds on every row; the argmax equals the exact head's (lowest index on a tie, the
     excluded row never); rescored rows carry the exact logits bit for bit; conf is the softmax
     of that mixed row."""
-    from dlmnumba.kernels.lm_head import (BOUND_MARGIN, LM_HEAD, LM_ROWS, LOGIT_ROUNDING,
-                                          lm_head_exact_f16, quantize_activations_u8,
-                                          screen_exact_f16)
+    from dlmnumba.kernels.lm_head import (LM_HEAD, LM_ROWS, lm_head_exact_f16,
+                                          quantize_activations_u8)
+    from dlmnumba.kernels.lm_screen import BOUND_MARGIN, LOGIT_ROUNDING, screen_exact_f16
     if NO_JIT:
         pytest.skip("LLVM intrinsics need the JIT")
     rng = np.random.default_rng(m)

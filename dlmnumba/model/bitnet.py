@@ -105,7 +105,7 @@ class Model:
 
         With the exact head over an F16 embedding and exact_confidence False (greedy decoding,
         which only needs the argmax), the int8 head screens the vocabulary and only rows that
-        can win are computed exactly: the same argmax, provably (lm_head.screen_exact_f16); the
+        can win are computed exactly: the same argmax, provably (lm_screen.screen_exact_f16); the
         confidence then mixes those rows' exact logits with the others' int8 ones."""
         out = Output.ARGMAX_EXACT if exact_confidence else Output.ARGMAX
         return self.forward_batch([Segment(tokens, cache, positions,

@@ -15,9 +15,9 @@ import numpy as np
 
 from ..kernels import ops
 from ..kernels.dispatch import simd_path
-from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, exact_argmax_screened,
-                               lm_head_dense, lm_head_exact_f16, lm_head_int8_run,
-                               quantize_head_input)
+from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, lm_head_dense,
+                               lm_head_exact_f16, lm_head_int8_run, quantize_head_input)
+from ..kernels.lm_screen import exact_argmax_screened
 from .weights import F16, Embedding, Int8Head, quantize_head
 
 HEAD_KINDS = ("exact", "int8")  # the `lm_head` setting

@@ -102,7 +102,7 @@ class Embedding:
 
 class Int8Head(NamedTuple):
     """The LM head quantized to int8 per row (kernels/lm_head.py), with the per-row norms that
-    bound its error against the exact head (lm_head.screen_exact_f16)."""
+    bound its error against the exact head (lm_screen.screen_exact_f16)."""
 
     e8: np.ndarray  # int8 [Vp / 16, Kp / 4, 64]: rows padded to LM_ROWS, broadcast layout
     e_inv: np.ndarray  # float32 [V]: 127 / max|row| (the row's quantization scale)
@@ -114,7 +114,8 @@ class Int8Head(NamedTuple):
 def quantize_head(emb: Embedding, chunk: int = 2048) -> Int8Head:
     """Quantize the LM head per row to int8, the way activations are (absmax, half-even), and
     measure each row's quantization error (float64 norms, rounded up to float32)."""
-    from ..kernels.lm_head import LM_ROWS, exact_sum_error, head_error_norms, interleave_rows
+    from ..kernels.lm_head import LM_ROWS, interleave_rows
+    from ..kernels.lm_screen import exact_sum_error, head_error_norms
     from ..kernels.ops import quantize_rows
 
     kp = padded_k(emb.n_cols)
