@@ -18,7 +18,7 @@ import numpy as np
 from numba import prange
 
 from dlmnumba.kernels.cpu import set_threads
-from dlmnumba.kernels.dispatch import select_path
+from dlmnumba.kernels.dispatch import select_path, simd_path
 from dlmnumba.kernels.lm_head import (LM_HEAD, LM_ROWS, TILE_PATH, interleave_rows,
                                       lm_head_exact_f16)
 from dlmnumba.kernels.lm_screen import exact_argmax_screened
@@ -70,7 +70,7 @@ PEAK = {"vnni512": (_peak_vnni512, 4), "vnni256": (_peak_vnni256, 1),
 def measure_peak(path: str, threads: int, seconds: float = 1.0) -> float:
     """int8 GMAC/s of the register-tile loop (the matmul's own tile) on L1-resident data,
     all threads."""
-    fn, n_vec = PEAK[path]
+    fn, n_vec = PEAK[simd_path(path)]  # the VNNI tile ('amx' runs it below 8 tokens)
     w = np.ones((threads, n_vec, PEAK_K * 16), np.uint8)  # n_vec vectors of 16 columns
     x = np.ones((threads, 6, PEAK_K), np.int8)
     acc = np.zeros((threads, 6, 16 * n_vec), np.int32)
@@ -148,7 +148,7 @@ def main() -> None:
         u = rng.integers(0, 256, (mp, E), dtype=np.uint8)
         xs = np.ones(m, np.float32)
         none = np.empty((0, 0), np.float32)
-        fn8 = LM_HEAD[TILE_PATH[path]]
+        fn8 = LM_HEAD[TILE_PATH[simd_path(path)]]
         dt = timed(lambda: fn8(none, part, u, xs, e8, e_inv, e_sum, -1), repeats)
         g = m * E * VOCAB / dt / 1e9
         print(f"{'LM head int8':<16}{E:>6}{VOCAB:>8}{m:>5}{dt * 1e3:>10.2f}{g:>9.1f}"
@@ -161,7 +161,7 @@ def main() -> None:
         tok, conf = np.empty(m, np.int64), np.empty(m, np.float32)
         dt = timed(lambda: exact_argmax_screened(
             tok, conf, h[:m], e16.view(np.uint16), head.e8, head.e_inv, head.e_sum, head.err_h,
-            head.norm8, TILE_PATH[path], approx[:m], -1), repeats)
+            head.norm8, TILE_PATH[simd_path(path)], approx[:m], -1), repeats)
         print(f"{'F16 screened':<16}{E:>6}{VOCAB:>8}{m:>5}{dt * 1e3:>10.2f}")
 
 
