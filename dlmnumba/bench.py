@@ -15,7 +15,7 @@ from .decode.scheduler import Generator, RequestStats
 _LABEL_WIDTH = 19
 _TITLE = "=== Benchmark Results ==="
 # CPU features that pick our kernel paths (see kernels): VNNI tiles, AVX2 fallback.
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512bw", "fma")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512bw", "fma", "amx_tile", "amx_int8")
 
 
 @dataclass(frozen=True)

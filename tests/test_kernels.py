@@ -549,3 +549,23 @@ def test_exact_f16_head_tiles_give_each_row_its_own_logits():
         out = np.empty((m, v), np.float32)
         lm_head_exact_f16(out, np.empty((n_tasks, m, 3)), h[:m], e16.view(np.uint16), -1)
         assert np.array_equal(out, alone[:m]), m
+
+
+def test_amx_path_offered_only_with_the_features_and_the_os_grant(monkeypatch):
+    """'amx' comes first when the CPU has AMX-INT8 (and VNNI-512) and the OS grants the tile
+    state; without either it is not offered, and the other paths stay as they were."""
+    from dlmnumba.kernels import dispatch
+    vnni = {"avx512vnni", "avx512bw", "avx512f", "avx512vl", "avx2"}
+    cases = [(vnni | {"amx-tile", "amx-int8"}, True, "amx"),
+             (vnni | {"amx-tile", "amx-int8"}, False, "vnni512"),
+             (vnni, True, "vnni512")]
+    for features, granted, first in cases:
+        monkeypatch.setattr(dispatch, "cpu_features", lambda f=features: frozenset(f))
+        monkeypatch.setattr(dispatch, "amx_usable", lambda g=granted: g)
+        paths = dispatch.supported_paths()
+        assert paths[0] == first and paths[-1] == "portable"
+        assert ("amx" in paths) == (first == "amx")
+        assert dispatch.select_path("auto") == first
+    assert dispatch.simd_path("amx") == "vnni512" and dispatch.simd_path("avx2") == "avx2"
+    with pytest.raises(ValueError, match="lacks"):
+        dispatch.select_path("amx")  # the last case: no AMX
