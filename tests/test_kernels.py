@@ -240,7 +240,7 @@ def test_every_kernel_path_is_exact(path, m, k, n):
     assert np.array_equal(out, expect)
 
 
-@pytest.mark.parametrize("path", ["vnni512", "vnni256", "portable"])
+@pytest.mark.parametrize("path", ["amx", "vnni512", "vnni256", "portable"])
 def test_int8_lm_head_exact_and_fused(path):
     """int8 LM head vs the integer reference; fused argmax/confidence vs the full logits."""
     from dlmnumba.kernels.dispatch import supported_paths

@@ -10,9 +10,11 @@ are; the sums are the same integers as every other path's (int32, exact), only f
 instruction does 16 x 16 x 64 multiply-adds.
 
     tile_pass     configure, then C tiles 0..3 (4 blocks of 16 output rows) += A . B over
-                  n steps of 64 k: A alternating in tiles 4/5, B in tiles 6/7
+                  n steps of 64 k: A alternating in tiles 4/5, B in tiles 6/7 (int8 A x
+                  uint8 B: the ternary matmul); tile_pass_us: uint8 A x int8 B (the int8
+                  LM head, whose rows are stored in the same layout)
     tile_release  the tiles back to their initial state
-(`ternary.ternary_matmul_amx` drives them.)
+(`ternary.ternary_matmul_amx` and `lm_head.lm_head_int8_amx` drive them.)
 
 Linux gives a process the AMX register state only on request (arch_prctl
 ARCH_REQ_XCOMP_PERM); `amx_usable()` asks once.  Tile configuration is per thread: each parallel
@@ -60,14 +62,8 @@ def _void_fn(module, name, args):
     return cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), args), name)
 
 
-@intrinsic
-def tile_pass(typingctx, cfg_addr, a_addr, a_stride, b_addr, b_vstride, c_addr, c_stride,
-              n_steps, load_c):
-    """Load the tile configuration at cfg_addr (0: keep the loaded one), then C_c (c < 4) = load_c ? C[:, 16 c ..] : 0,
-    C_c += A[:, 64 s ..] . B_c[s] for s < n_steps (A: int8 rows a_stride apart; B_c: 16 rows of
-    64 bytes per step at b_addr + c b_vstride + 1024 s), and store C_c back (c_stride bytes
-    between rows).  Tile shapes come from the configuration (rows of A and C: the tokens)."""
-    sig = types.void(*([types.intp] * 9))
+def _tile_pass_codegen(dot: str):
+    """The codegen of tile_pass with dot-product instruction `dot` (tdpbsud / tdpbusd)."""
 
     def codegen(context, builder, signature, args):
         cfg, a, a_st, b, b_vs, c, c_st, n, load = args
@@ -75,7 +71,7 @@ def tile_pass(typingctx, cfg_addr, a_addr, a_stride, b_addr, b_vstride, c_addr, 
         ldcfg = _void_fn(mod, "llvm.x86.ldtilecfg", [_P])
         tload = _void_fn(mod, "llvm.x86.tileloadd64", [_I8, _P, _I64])
         tzero = _void_fn(mod, "llvm.x86.tilezero", [_I8])
-        tdp = _void_fn(mod, "llvm.x86.tdpbsud", [_I8, _I8, _I8])
+        tdp = _void_fn(mod, f"llvm.x86.{dot}", [_I8, _I8, _I8])
         tstore = _void_fn(mod, "llvm.x86.tilestored64", [_I8, _P, _I64])
 
         def ptr(x):
@@ -123,7 +119,30 @@ def tile_pass(typingctx, cfg_addr, a_addr, a_stride, b_addr, b_vstride, c_addr, 
             builder.call(tstore, [t(i), c_ptr(i), c_st])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+_TILE_SIG = types.void(*([types.intp] * 9))
+
+
+@intrinsic
+def tile_pass(typingctx, cfg_addr, a_addr, a_stride, b_addr, b_vstride, c_addr, c_stride,
+              n_steps, load_c):
+    """Load the tile configuration at cfg_addr (0: keep the loaded one), then C_c (c < 4) =
+    load_c ? C[:, 16 c ..] : 0, C_c += A[:, 64 s ..] . B_c[s] for s < n_steps (A: byte rows
+    a_stride apart; B_c: 16 rows of 64 bytes per step at b_addr + c b_vstride + 1024 s), and
+    store C_c back (c_stride bytes between rows).  Tile shapes come from the configuration
+    (rows of A and C: the tokens).  A signed (int8 activations), B unsigned (ternary codes):
+    tdpbsud."""
+    return _TILE_SIG, _tile_pass_codegen("tdpbsud")
+
+
+@intrinsic
+def tile_pass_us(typingctx, cfg_addr, a_addr, a_stride, b_addr, b_vstride, c_addr, c_stride,
+                 n_steps, load_c):
+    """tile_pass with A unsigned (activations + 128) and B signed (int8 LM-head rows):
+    tdpbusd."""
+    return _TILE_SIG, _tile_pass_codegen("tdpbusd")
 
 
 @intrinsic

@@ -22,6 +22,9 @@ from numba import prange
 from .cpu import jit, pjit
 from .simd import COLS, F16_ACC, F16_LANES, KSTEP, PATHS as SIMD_PATHS
 from .simd import bcast_tile, exp_sum, f16_tile
+from .amx import (CONFIG_BYTES, TILE_K, TILE_ROWS, amx_usable, tile_config, tile_pass_us,
+                  tile_release)
+from .dispatch import PATHS as KERNEL_PATHS
 from .ternary import M_ALIGN
 
 LM_ROWS = 64  # vocabulary rows per parallel task (4 vectors of 16); E rows padded to this
@@ -29,7 +32,7 @@ K_CHUNK = 1024  # k per pass over the task's rows (they and the token tiles stay
 U_OFFSET = 128  # added to int8 activations to make them unsigned
 # CPU path -> the path of the LM head's tile: avx2's vpmaddubsw would saturate on u8 x s8
 # products (unsigned activations against int8 weights), so avx2 runs the portable tile
-TILE_PATH = {"vnni512": "vnni512", "vnni256": "vnni256", "avx2": "portable",
+TILE_PATH = {"amx": "amx", "vnni512": "vnni512", "vnni256": "vnni256", "avx2": "portable",
              "portable": "portable"}
 
 
@@ -97,14 +100,46 @@ def lm_head_int8(path, n_vec, logits, part, u, xscale, e8, e_inv, e_sum, exclude
                         bcast_tile(lit, 6, nv, 0, e8[b0 + c0, k0 // KSTEP].ctypes.data,
                                    vstride, u.ctypes.data + t0 * kp + k0, kp, steps,
                                    acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4, LM_ROWS * 4)
-        r0 = t * LM_ROWS
-        nr = min(LM_ROWS, v - r0)
-        blk = np.empty((m_rows, nr), np.float32)
-        for m in range(m_rows):
-            for c in range(nr):
-                blk[m, c] = np.float32(acc[m, c] - U_OFFSET * e_sum[r0 + c]) / (
-                    xscale[m] * e_inv[r0 + c])
-        _emit(blk, logits, part, t, r0, exclude)
+        _int8_emit(acc, logits, part, t, xscale, e_inv, e_sum, exclude)
+
+
+@jit
+def _int8_emit(acc, logits, part, t, xscale, e_inv, e_sum, exclude):
+    # task t's int32 sums acc[M, 64] (u . e8) -> logits (u = q + 128: minus 128 esum), _emit
+    m_rows, v = xscale.shape[0], e_inv.shape[0]
+    r0 = t * LM_ROWS
+    nr = min(LM_ROWS, v - r0)
+    blk = np.empty((m_rows, nr), np.float32)
+    for m in range(m_rows):
+        for c in range(nr):
+            blk[m, c] = np.float32(acc[m, c] - U_OFFSET * e_sum[r0 + c]) / (
+                xscale[m] * e_inv[r0 + c])
+    _emit(blk, logits, part, t, r0, exclude)
+
+
+@pjit
+def lm_head_int8_amx(logits, part, u, xscale, e8, e_inv, e_sum, exclude, n_threads):
+    # lm_head_int8 on AMX tiles (kernels/amx.py): u[Mq, Kp] uint8 with Mq % 16 == 0; the int8
+    # rows' broadcast layout is the B tiles' layout, so they are read as stored.  Each thread
+    # configures the tiles once and runs every n_threads-th task of 64 rows.
+    mq, kp = u.shape
+    v = e_inv.shape[0]
+    n_tasks = (v + LM_ROWS - 1) // LM_ROWS
+    n_workers = max(1, min(n_threads, n_tasks))
+    blocks = LM_ROWS // COLS
+    for w in prange(n_workers):
+        acc = np.empty((mq, LM_ROWS), np.int32)
+        cfg = np.empty(CONFIG_BYTES, np.uint8)
+        tile_config(cfg, TILE_ROWS)
+        first = True
+        for t in range(w, n_tasks, n_workers):
+            for t0 in range(0, mq, TILE_ROWS):
+                tile_pass_us(cfg.ctypes.data if first else 0, u.ctypes.data + t0 * kp, kp,
+                             e8[t * blocks].ctypes.data, kp * COLS,
+                             acc.ctypes.data + t0 * LM_ROWS * 4, LM_ROWS * 4, kp // TILE_K, 0)
+                first = False
+            _int8_emit(acc, logits, part, t, xscale, e_inv, e_sum, exclude)
+        tile_release()
 
 
 @pjit
@@ -206,9 +241,27 @@ def _lm_portable(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
     lm_head_int8(3, 1, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
 
 
-LM_HEAD = {"vnni512": _lm_vnni512, "vnni256": _lm_vnni256, "portable": _lm_portable}
+def _lm_amx(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
+    # several tokens on AMX tiles (u padded to whole 16-row tiles), one on the VNNI stream
+    m = xscale.shape[0]
+    if m < AMX_HEAD_MIN_ROWS:
+        _lm_vnni512(logits, part, u, xscale, e8, e_inv, e_sum, exclude)
+        return
+    if not amx_usable():  # also asks the OS for the tile state, once per process
+        raise ValueError("tile path 'amx' needs AMX-INT8 and the OS's tile state")
+    if u.shape[0] % TILE_ROWS:
+        u16 = np.full((-(-u.shape[0] // TILE_ROWS) * TILE_ROWS, u.shape[1]), U_OFFSET, np.uint8)
+        u16[:u.shape[0]] = u
+        u = u16
+    lm_head_int8_amx(logits, part, u, xscale, e8, e_inv, e_sum, exclude, numba.get_num_threads())
+
+
+# fewest tokens the AMX head runs on tiles (its rows need no unpacking; one token streams them)
+AMX_HEAD_MIN_ROWS = 2
+LM_HEAD = {"amx": _lm_amx, "vnni512": _lm_vnni512, "vnni256": _lm_vnni256,
+           "portable": _lm_portable}
 assert all(SIMD_PATHS.index(p) == i for i, p in ((0, "vnni512"), (1, "vnni256"), (3, "portable")))
-assert set(TILE_PATH) == set(SIMD_PATHS) and set(TILE_PATH.values()) == set(LM_HEAD)
+assert set(TILE_PATH) == set(KERNEL_PATHS) and set(TILE_PATH.values()) == set(LM_HEAD)
 
 
 def lm_head_int8_run(path: str, logits: np.ndarray, part: np.ndarray, u: np.ndarray,

@@ -14,7 +14,6 @@ import threading
 import numpy as np
 
 from ..kernels import ops
-from ..kernels.dispatch import simd_path
 from ..kernels.lm_head import (LM_ROWS, TILE_PATH, combine_partials, lm_head_dense,
                                lm_head_exact_f16, lm_head_int8_run, quantize_head_input)
 from ..kernels.lm_screen import exact_argmax_screened
@@ -154,7 +153,7 @@ def make_head(kind: str, emb: Embedding, kernel: str) -> LMHead:
     embedding is F16 in whole 16-lane rows, else the dense fallback."""
     if kind not in HEAD_KINDS:
         raise ValueError(f"lm_head must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
-    tile = TILE_PATH[simd_path(kernel)]
+    tile = TILE_PATH[kernel]
     if kind == "int8":
         return Int8LMHead(emb, quantize_head(emb), tile)
     if emb.qtype == F16 and emb.n_cols % 16 == 0:
