@@ -51,18 +51,26 @@ def _emit(blk, logits, part, t, r0, exclude):
         for m in range(m_rows):
             blk[m, exclude - r0] = -np.inf
     for m in range(m_rows):
-        mx = blk[m, 0]
-        arg = 0
-        for c in range(1, nr):
-            if blk[m, c] > mx:
-                mx = blk[m, c]
-                arg = c
+        mx = _row_max(blk[m])
+        arg = 0  # the first position of the max (as a strict > scan keeps it)
+        while blk[m, arg] != mx and arg < nr - 1:
+            arg += 1
         total = np.float32(0.0)
         if mx != -np.inf:
             total = exp_sum(blk[m].ctypes.data, nr, mx)
         part[t, m, 0] = mx
         part[t, m, 1] = total
         part[t, m, 2] = r0 + arg if mx != -np.inf else -1
+
+
+# max is exact in any order for non-NaN values (logits are checked finite upstream), so LLVM
+# may vectorize it
+@jit(fastmath={"nnan"})
+def _row_max(x):
+    mx = x[0]
+    for c in range(1, x.shape[0]):
+        mx = max(mx, x[c])
+    return mx
 
 
 def interleave_rows(rows: np.ndarray) -> np.ndarray:
@@ -112,7 +120,8 @@ def _int8_emit(acc, logits, part, t, xscale, e_inv, e_sum, exclude):
     blk = np.empty((m_rows, nr), np.float32)
     for m in range(m_rows):
         for c in range(nr):
-            blk[m, c] = np.float32(acc[m, c] - U_OFFSET * e_sum[r0 + c]) / (
+            # int32 throughout (|acc| < 2^27, 128 |esum| < 2^26): converts on vector lanes
+            blk[m, c] = np.float32(acc[m, c] - np.int32(U_OFFSET) * e_sum[r0 + c]) / (
                 xscale[m] * e_inv[r0 + c])
     _emit(blk, logits, part, t, r0, exclude)
 
