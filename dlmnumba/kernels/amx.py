@@ -1,4 +1,4 @@
-"""Ternary matmul on AMX tiles (Intel Advanced Matrix Extensions, AMX-INT8).
+"""int8 dot products on AMX tiles (Intel Advanced Matrix Extensions, AMX-INT8).
 
 An AMX tile register holds up to 16 rows of 64 bytes; `tdpbsud` multiplies an int8 tile
 A[M, 64] (signed: the activations) by a uint8 tile B[16, 64] (unsigned: the ternary codes
@@ -17,8 +17,8 @@ instruction does 16 x 16 x 64 multiply-adds.
 (`ternary.ternary_matmul_amx` and `lm_head.lm_head_int8_amx` drive them.)
 
 Linux gives a process the AMX register state only on request (arch_prctl
-ARCH_REQ_XCOMP_PERM); `amx_usable()` asks once.  Tile configuration is per thread: each parallel
-task loads its own (`ldtilecfg`) and releases the tiles when done.
+ARCH_REQ_XCOMP_PERM); `amx_usable()` asks once.  Tile configuration is per thread: each worker
+of a parallel kernel loads its own once (`ldtilecfg`) and releases the tiles when done.
 """
 from __future__ import annotations
 
