@@ -191,7 +191,7 @@ def test_doctor_reports_the_kernel_path():
 def test_model_files_block_size_is_a_default_below_env_yaml_and_cli(tmp_path, monkeypatch):
     from dlmnumba.model_source import TOY_MODEL
     monkeypatch.delenv("DLMNUMBA_BLOCK_SIZE", raising=False)
-    assert dlmnumba.load_model(str(TOY_MODEL)).file.metadata["diffusion.block_size"] == 16
+    assert dlmnumba.load_model(str(TOY_MODEL)).file.metadata["diffusion.block_size"] == 32
 
     def block(args, env=None):
         r = invoke(["generate", "Sort: 321", "--max-tokens", "4"] + args, env=env)
@@ -200,7 +200,7 @@ def test_model_files_block_size_is_a_default_below_env_yaml_and_cli(tmp_path, mo
 
     yaml_path = tmp_path / "c.yaml"
     yaml_path.write_text("dlm:\n  block_size: 8\n")
-    assert block([]) == 16  # the file's diffusion.block_size replaces the default 64
-    assert block([], env={"DLMNUMBA_BLOCK_SIZE": "32"}) == 32
+    assert block([]) == 32  # the file's diffusion.block_size replaces the default 64
+    assert block([], env={"DLMNUMBA_BLOCK_SIZE": "16"}) == 16
     assert block(["--config", str(yaml_path)]) == 8
     assert block(["--block-size", "64"]) == 64
