@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     import numba
 
-    from dlmnumba.kernels.amx import amx_usable
+    from dlmnumba.kernels.amx import amx_usable, whole_tiles
     from dlmnumba.kernels.ternary import (M_ALIGN, pack_codes, padded_k, ternary_matmul,
                                           ternary_matmul_amx)
     if not amx_usable():
@@ -52,8 +52,7 @@ def main() -> None:
         mp = -(-m // M_ALIGN) * M_ALIGN
         q = np.zeros((mp, kp), np.int8)
         q[:m, :k] = rng.integers(-128, 128, (m, k))
-        q16 = np.zeros((-(-m // 16) * 16, kp), np.int8)
-        q16[:m] = q[:m]
+        q16 = whole_tiles(q, 0)
         qsum = q.astype(np.int32).sum(1).astype(np.int32)
         xs = np.ones(m, np.float32)
         out = np.empty((m, n), np.float32)

@@ -92,7 +92,7 @@ def end_to_end(model_path: str, schedule: list[int], iterations: int, threads: i
     import dlmnumba
     from dlmnumba.decode.scheduler import DecodeSettings, Generator
 
-    m = dlmnumba.load_model(model_path, threads=threads, **({"kernel": kernel} if kernel else {}))
+    m = dlmnumba.load_model(model_path, threads=threads, kernel=kernel)
     prompt = m.tokenizer.encode("USER: What is the meaning of life?<|eot_id|>ASSISTANT:")
     target = importlib.import_module(module)
     runs = {"iterative 0.9, no dual cache": dict(mode="iterative", block_size=32,

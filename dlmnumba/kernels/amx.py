@@ -27,6 +27,7 @@ import functools
 import platform
 import sys
 
+import numpy as np
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
@@ -158,10 +159,22 @@ def tile_release(typingctx):
 
 
 @jit
-def tile_config(cfg, rows):
-    # palette 1; tiles 0..5 (C, A) `rows` rows of 64 bytes, tiles 6, 7 (B) 16 rows
-    cfg[:] = 0
+def tile_config(rows):
+    # ldtilecfg's operand: palette 1; tiles 0..5 (C, A) `rows` rows of 64 bytes, tiles 6, 7 (B)
+    # 16 rows
+    cfg = np.zeros(CONFIG_BYTES, np.uint8)
     cfg[0] = 1
     for i in range(8):
         cfg[16 + 2 * i] = VEC  # colsb, little-endian uint16
         cfg[48 + i] = rows if i < 6 else TILE_ROWS
+    return cfg
+
+
+def whole_tiles(a: np.ndarray, fill: int) -> np.ndarray:
+    """a[M, K] with rows added (value `fill`) up to a multiple of TILE_ROWS (a itself if it has
+    them): every A tile then has 16 rows, so one tile configuration serves a whole kernel."""
+    if a.shape[0] % TILE_ROWS == 0:
+        return a
+    out = np.full((-(-a.shape[0] // TILE_ROWS) * TILE_ROWS, a.shape[1]), fill, a.dtype)
+    out[:a.shape[0]] = a
+    return out

@@ -22,8 +22,8 @@ from numba import prange
 from .cpu import jit, pjit
 from .simd import COLS, F16_ACC, F16_LANES, KSTEP, PATHS as SIMD_PATHS
 from .simd import bcast_tile, exp_sum, f16_tile
-from .amx import (CONFIG_BYTES, TILE_K, TILE_ROWS, amx_usable, tile_config, tile_pass_us,
-                  tile_release)
+from .amx import (TILE_K, TILE_ROWS, amx_usable, tile_config, tile_pass_us, tile_release,
+                  whole_tiles)
 from .dispatch import PATHS as KERNEL_PATHS
 from .ternary import M_ALIGN
 
@@ -138,8 +138,7 @@ def lm_head_int8_amx(logits, part, u, xscale, e8, e_inv, e_sum, exclude, n_threa
     blocks = LM_ROWS // COLS
     for w in prange(n_workers):
         acc = np.empty((mq, LM_ROWS), np.int32)
-        cfg = np.empty(CONFIG_BYTES, np.uint8)
-        tile_config(cfg, TILE_ROWS)
+        cfg = tile_config(TILE_ROWS)
         first = True
         for t in range(w, n_tasks, n_workers):
             for t0 in range(0, mq, TILE_ROWS):
@@ -258,11 +257,8 @@ def _lm_amx(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
         return
     if not amx_usable():  # also asks the OS for the tile state, once per process
         raise ValueError("tile path 'amx' needs AMX-INT8 and the OS's tile state")
-    if u.shape[0] % TILE_ROWS:
-        u16 = np.full((-(-u.shape[0] // TILE_ROWS) * TILE_ROWS, u.shape[1]), U_OFFSET, np.uint8)
-        u16[:u.shape[0]] = u
-        u = u16
-    lm_head_int8_amx(logits, part, u, xscale, e8, e_inv, e_sum, exclude, numba.get_num_threads())
+    lm_head_int8_amx(logits, part, whole_tiles(u, U_OFFSET), xscale, e8, e_inv, e_sum, exclude,
+                     numba.get_num_threads())
 
 
 # fewest tokens the AMX head runs on tiles (its rows need no unpacking; one token streams them)

@@ -21,7 +21,8 @@ from .cpu import jit, pjit
 from .dispatch import simd_path
 from .simd import COLS, KSTEP, PACK_K, PATHS as SIMD_PATHS, VEC, bcast_tile, packed_vec, prefetch
 from .simd import unpack16
-from .amx import amx_usable, N_C, TILE_K, TILE_ROWS, CONFIG_BYTES, tile_config, tile_pass, tile_release
+from .amx import (N_C, TILE_K, TILE_ROWS, amx_usable, tile_config, tile_pass, tile_release,
+                  whole_tiles)
 
 PACK_BLOCK = 128  # K is padded to a multiple of this (the activations' row length too)
 ROW_ALIGN = 64  # N is padded to a multiple of this: 4 blocks, one matmul task
@@ -217,8 +218,7 @@ def ternary_matmul_amx(out, q, qsum, xscale, packed, scales, n_threads):
     for w in prange(n_workers):
         codes = np.empty((BLOCKS, vstride), np.uint8)
         acc = np.empty((mq, ROW_ALIGN), np.int32)
-        cfg = np.empty(CONFIG_BYTES, np.uint8)
-        tile_config(cfg, TILE_ROWS)
+        cfg = tile_config(TILE_ROWS)
         first = True
         for t in range(w, n_tasks, n_workers):
             for k0 in range(0, kp, K_CHUNK):
@@ -333,11 +333,9 @@ def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.
     elif path == "amx" and m >= AMX_MIN_ROWS:
         if not amx_usable():  # also asks the OS for the tile state, once per process
             raise ValueError("kernel path 'amx' needs AMX-INT8 and the OS's tile state")
-        if q.shape[0] % TILE_ROWS:  # whole 16-row tiles: one tile configuration throughout
-            q16 = np.zeros((-(-q.shape[0] // TILE_ROWS) * TILE_ROWS, q.shape[1]), np.int8)
-            q16[:m] = q[:m]
-            q = q16
-        ternary_matmul_amx(out, q, qsum, xscale, packed, scales, numba.get_num_threads())
+        # whole 16-row tiles (zero rows): one tile configuration throughout
+        ternary_matmul_amx(out, whole_tiles(q, 0), qsum, xscale, packed, scales,
+                           numba.get_num_threads())
     elif path == "portable":
         ternary_matmul_kernel(out, q, xscale, packed, scales, group)
     else:
