@@ -49,7 +49,7 @@ def resolve_model_path(path: str | os.PathLike | None, default: str = "bench",
     if path is not None:
         return Path(path)
     if default == "toy":
-        note(f"model: bundled {TOY_MODEL.name} (a 1.7M-parameter ternary block-diffusion model "
+        note(f"model: bundled {TOY_MODEL.name} (a tiny ternary block-diffusion model "
              "trained on arithmetic, copy, reverse, sort and lookup tasks; pass --model for a "
              "real model)")
         return TOY_MODEL

@@ -45,6 +45,10 @@ in advance (`--probe` times steps and prints how many fit a time budget; the run
 `--steps`).  `--checkpoint` saves model, optimizer, step and every RNG state; `--resume`
 continues bit-identically on the CPU (on CUDA up to the GPU's non-deterministic atomics).
 `--time-budget` ends a run early (checkpoint and export) when its training time runs out.
+`--init-from CHECKPOINT` starts a new stage from a checkpoint's weights (same shape; fresh
+optimizer, this run's own seed, step count, schedule and mix): the shipped model is stage 1
+stopped at a step, then a stage that weights the tasks it still got wrong (see the README's toy
+model section for both command lines).  A stage resumes like any run.
 After training the model is scored in torch on the held-out and fresh sets with the engine's
 decoding policies re-implemented here (`torch_decode`), and the best diffusion settings go into
 the file as its recommended decode settings (`diffusion.decode_mode`, `.block_size`,
@@ -782,7 +786,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 # Arguments that define the trained model (a checkpoint must agree on them to be resumed).
 MODEL_ARGS = ("seed", "steps", "ar_frac", "ar_every", "batch", "lr", "warmup", "block_sizes",
-              "mix", "curriculum", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff")
+              "mix", "curriculum", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "init_from")
+SHAPE_ARGS = ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff")
 
 
 def pick_device(name: str) -> torch.device:
@@ -850,6 +855,21 @@ def load_checkpoint(path: Path, args) -> dict:
     return ck
 
 
+def init_weights(path: Path, args) -> dict:
+    """The model weights of checkpoint `path` to start a new stage from (--init-from): its
+    shape must be this run's; its optimizer, step and RNG states are not used."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise SystemExit(f"{path}: checkpoint version {ck.get('version')}, "
+                         f"expected {CHECKPOINT_VERSION}")
+    diff = [f"{k}={ck['args'][k]!r} (now {getattr(args, k)!r})" for k in SHAPE_ARGS
+            if ck["args"].get(k) != getattr(args, k)]
+    if diff:
+        raise SystemExit(f"--init-from {path}: the checkpoint's model has another shape: "
+                         + ", ".join(diff))
+    return ck
+
+
 def make_optimizer(model: ToyDLM, args, device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98),
                              weight_decay=0.01, fused=device.type == "cuda")
@@ -902,6 +922,10 @@ def train(args) -> tuple[ToyDLM, int]:
         set_rng_states(ck["rng"])
         elapsed0 = ck.get("elapsed", 0.0)
         print(f"resumed {args.resume} at step {start}", flush=True)
+    elif args.init_from:
+        init = init_weights(args.init_from, args)
+        model.load_state_dict(init["model"])
+        print(f"initialized from {args.init_from} (its step {init['step']})", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {asdict(model.s)}: {n_params / 1e6:.2f} M parameters, device {device}, "
           f"steps {start}..{stop} of {cfg.steps} ({cfg.ar_steps} autoregressive first, then "
@@ -1000,6 +1024,8 @@ def run_info(args, reached: int) -> dict:
             "curriculum", "n_embd", "n_layer", "n_ff")
     info = {k: getattr(args, k) for k in keys}
     info["mix"] = args.mix.replace(",", " ")
+    if args.init_from:
+        info["init_from"] = Path(args.init_from).name
     if reached < args.steps:
         info["stopped_at"] = reached
     return info
@@ -1009,7 +1035,8 @@ def reproduce_command(args) -> str:
     """The command line that trains this model again (device and logging aside)."""
     parts = ["python", "scripts/train_toy_dlm.py"]
     for k in MODEL_ARGS:
-        parts += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+        if getattr(args, k) is not None:
+            parts += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     return shlex.join(parts)
 
 
@@ -1061,6 +1088,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--checkpoint", type=Path, help="checkpoint file (written at the end too)")
     ap.add_argument("--checkpoint-every", type=int, default=0)
     ap.add_argument("--resume", type=Path, help="continue from this checkpoint")
+    ap.add_argument("--init-from", type=Path, metavar="CHECKPOINT",
+                    help="start from this checkpoint's weights (a new stage: this run's own "
+                         "seed, schedule, mix; fresh optimizer)")
     ap.add_argument("--stop-at", type=int, default=0, help="end the run at this step")
     ap.add_argument("--time-budget", type=float, default=0.0,
                     help="seconds of training after which the run stops early, checkpoints "

@@ -75,3 +75,24 @@ def test_torch_decoder_decodes_as_the_engine(trainer):
         assert sum(enc.decode(o).strip() == g.text.strip() for o, g in zip(outs, got)) \
             >= len(exs) - 1
         assert sum(p == g.stats.forward_passes for p, g in zip(passes, got)) >= len(exs) - 1
+
+
+def test_a_stage_starts_from_the_checkpoints_weights_and_resumes(trainer, tmp_path):
+    ck, ck2 = tmp_path / "stage1.pt", tmp_path / "stage2.pt"
+    stage1, _ = trainer.train(trainer.parse_args(TINY + ["--checkpoint", str(ck), "--stop-at", "3"]))
+    stage2 = TINY + ["--init-from", str(ck), "--seed", "5", "--mix", "lookup=1,sort=1"]
+    # lr 0: AdamW moves nothing, so the stage ends on the checkpoint's weights exactly
+    frozen, _ = trainer.train(trainer.parse_args(stage2 + ["--lr", "0"]))
+    a, b = stage1.state_dict(), frozen.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fresh, _ = trainer.train(trainer.parse_args(TINY + ["--lr", "0"]))
+    assert not all(torch.equal(a[k], fresh.state_dict()[k]) for k in a)
+    # a stage stopped and resumed equals the whole stage (the resume does not re-initialize)
+    whole, _ = trainer.train(trainer.parse_args(stage2))
+    trainer.train(trainer.parse_args(stage2 + ["--checkpoint", str(ck2), "--stop-at", "4"]))
+    resumed, reached = trainer.train(trainer.parse_args(stage2 + ["--resume", str(ck2)]))
+    assert reached == 6
+    w, r = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(w[k], r[k]) for k in w)
+    with pytest.raises(SystemExit, match="n_embd=64 .now 128."):
+        trainer.train(trainer.parse_args(TINY[2:] + ["--n-embd", "128", "--init-from", str(ck)]))
