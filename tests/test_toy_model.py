@@ -66,15 +66,15 @@ def test_bundled_model_prompt_form_is_the_chat_template(trainer, toy):
 
 
 # --- accuracy floors ------------------------------------------------------------------------
-# A fixed held-out sample (the first PER_TASK examples of every task).  The floors sit well
-# below what the bundled model scores on it (README, "The bundled toy model"); each broken
-# decoder below was measured under them (logit row off by one 0.03, token shift off 0.45-0.50 --
-# the answers' leading space absorbs part of a one-position shift --, block-local mask 0.48, the
-# seed's scheduling 0.03).
+# A fixed held-out sample (the first PER_TASK examples of every task).  The floors sit below
+# what the bundled model scores on it (README, "The bundled toy model"); each broken decoder
+# below was measured under them (logit row off by one 0.08, token shift off 0.60-0.63 -- the
+# answers' leading space absorbs part of a one-position shift --, block-local mask 0.58, the
+# seed's scheduling 0.05).
 PER_TASK = 10
-# Measured on this sample: ar 0.817, iterative 0.833, iterative with the dual cache 0.817 (60
-# prompts; lookup is not learned).
-FLOORS = {"ar": 0.65, "iterative": 0.65, "iterative_dual_cache": 0.65}
+# Measured on this sample: ar 0.817, iterative 0.817, iterative with the dual cache 0.817 (60
+# prompts; every task but lookup answered right, lookup 1 of 10).
+FLOORS = {"ar": 0.75, "iterative": 0.75, "iterative_dual_cache": 0.75}
 SETTINGS = {"ar": dict(mode="ar"),
             "iterative": dict(mode="iterative", block_size=32, small_block_size=8, threshold=0.9,
                               dual_cache=False),
