@@ -47,8 +47,8 @@ continues bit-identically on the CPU (on CUDA up to the GPU's non-deterministic 
 `--time-budget` ends a run early (checkpoint and export) when its training time runs out.
 `--init-from CHECKPOINT` starts a new stage from a checkpoint's weights (same shape; fresh
 optimizer, this run's own seed, step count, schedule and mix): the shipped model is stage 1
-stopped at a step, then a stage that weights the tasks it still got wrong (see the README's toy
-model section for both command lines).  A stage resumes like any run.
+stopped at a step, then a stage that weights the tasks it still got wrong (both command lines:
+scripts/toy_recipe.sh).  A stage resumes like any run.
 After training the model is scored in torch on the held-out and fresh sets with the engine's
 decoding policies re-implemented here (`torch_decode`), and the best diffusion settings go into
 the file as its recommended decode settings (`diffusion.decode_mode`, `.block_size`,
@@ -785,9 +785,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 # Arguments that define the trained model (a checkpoint must agree on them to be resumed).
-MODEL_ARGS = ("seed", "steps", "ar_frac", "ar_every", "batch", "lr", "warmup", "block_sizes",
-              "mix", "curriculum", "n_embd", "n_layer", "n_head", "n_head_kv", "n_ff", "init_from")
 SHAPE_ARGS = ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff")
+MODEL_ARGS = ("seed", "steps", "ar_frac", "ar_every", "batch", "lr", "warmup", "block_sizes",
+              "mix", "curriculum", *SHAPE_ARGS, "init_from")
 
 
 def pick_device(name: str) -> torch.device:
@@ -843,31 +843,32 @@ def save_checkpoint(path: Path, model, opt, step: int, args, device, elapsed: fl
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, args) -> dict:
+def _read_checkpoint(path: Path, args, keys, mismatch: str) -> dict:
+    """Checkpoint `path` (version checked); SystemExit `mismatch` when it disagrees with args on
+    one of `keys` (None: every argument it records)."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     if ck.get("version") != CHECKPOINT_VERSION:
         raise SystemExit(f"{path}: checkpoint version {ck.get('version')}, "
                          f"expected {CHECKPOINT_VERSION}")
-    diff = {k: (v, getattr(args, k)) for k, v in ck["args"].items() if getattr(args, k) != v}
+    diff = [f"{k}={ck['args'].get(k)!r} (now {getattr(args, k)!r})"
+            for k in (ck["args"] if keys is None else keys)
+            if ck["args"].get(k) != getattr(args, k)]
     if diff:
-        raise SystemExit(f"{path}: the checkpoint was trained with other arguments "
-                         + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items()))
+        raise SystemExit(f"{mismatch}: " + ", ".join(diff))
     return ck
+
+
+def load_checkpoint(path: Path, args) -> dict:
+    """The checkpoint to resume: trained with exactly this run's arguments."""
+    return _read_checkpoint(path, args, None,
+                            f"{path}: the checkpoint was trained with other arguments")
 
 
 def init_weights(path: Path, args) -> dict:
-    """The model weights of checkpoint `path` to start a new stage from (--init-from): its
-    shape must be this run's; its optimizer, step and RNG states are not used."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if ck.get("version") != CHECKPOINT_VERSION:
-        raise SystemExit(f"{path}: checkpoint version {ck.get('version')}, "
-                         f"expected {CHECKPOINT_VERSION}")
-    diff = [f"{k}={ck['args'][k]!r} (now {getattr(args, k)!r})" for k in SHAPE_ARGS
-            if ck["args"].get(k) != getattr(args, k)]
-    if diff:
-        raise SystemExit(f"--init-from {path}: the checkpoint's model has another shape: "
-                         + ", ".join(diff))
-    return ck
+    """The checkpoint whose model weights start a new stage (--init-from): its shape must be
+    this run's; its optimizer, step and RNG states are not used."""
+    return _read_checkpoint(path, args, SHAPE_ARGS,
+                            f"--init-from {path}: the checkpoint's model has another shape")
 
 
 def make_optimizer(model: ToyDLM, args, device) -> torch.optim.Optimizer:

@@ -79,7 +79,8 @@ def test_torch_decoder_decodes_as_the_engine(trainer):
 
 def test_a_stage_starts_from_the_checkpoints_weights_and_resumes(trainer, tmp_path):
     ck, ck2 = tmp_path / "stage1.pt", tmp_path / "stage2.pt"
-    stage1, _ = trainer.train(trainer.parse_args(TINY + ["--checkpoint", str(ck), "--stop-at", "3"]))
+    stage1, _ = trainer.train(trainer.parse_args(TINY + ["--checkpoint", str(ck),
+                                                         "--stop-at", "3"]))
     stage2 = TINY + ["--init-from", str(ck), "--seed", "5", "--mix", "lookup=1,sort=1"]
     # lr 0: AdamW moves nothing, so the stage ends on the checkpoint's weights exactly
     frozen, _ = trainer.train(trainer.parse_args(stage2 + ["--lr", "0"]))

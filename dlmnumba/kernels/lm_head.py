@@ -249,6 +249,10 @@ def _lm_portable(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
     lm_head_int8(3, 1, logits, part, u, xscale, e8, e_inv, e_sum, exclude)
 
 
+# fewest tokens the AMX head runs on tiles (its rows need no unpacking; one token streams them)
+AMX_HEAD_MIN_ROWS = 2
+
+
 def _lm_amx(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
     # several tokens on AMX tiles (u padded to whole 16-row tiles), one on the VNNI stream
     m = xscale.shape[0]
@@ -261,8 +265,6 @@ def _lm_amx(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
                      numba.get_num_threads())
 
 
-# fewest tokens the AMX head runs on tiles (its rows need no unpacking; one token streams them)
-AMX_HEAD_MIN_ROWS = 2
 LM_HEAD = {"amx": _lm_amx, "vnni512": _lm_vnni512, "vnni256": _lm_vnni256,
            "portable": _lm_portable}
 assert all(SIMD_PATHS.index(p) == i for i, p in ((0, "vnni512"), (1, "vnni256"), (3, "portable")))
