@@ -569,3 +569,17 @@ def test_amx_path_offered_only_with_the_features_and_the_os_grant(monkeypatch):
     assert dispatch.simd_path("amx") == "vnni512" and dispatch.simd_path("avx2") == "avx2"
     with pytest.raises(ValueError, match="lacks"):
         dispatch.select_path("amx")  # the last case: no AMX
+
+
+def test_amx_kernels_refuse_without_the_os_grant(monkeypatch):
+    """Asked for 'amx' where the OS withholds the tile state, the matmul and the head raise a
+    ValueError naming the path instead of faulting on the first tile instruction."""
+    from dlmnumba.kernels import amx, lm_head, ternary
+    monkeypatch.setattr(amx, "amx_usable", lambda: False)
+    with pytest.raises(ValueError, match="kernel path 'amx' needs AMX-INT8"):
+        ternary.ternary_matmul(np.empty((12, 128), np.float32), np.zeros((12, 256), np.int8),
+                               np.zeros(12, np.int32), np.ones(12, np.float32),
+                               np.zeros((8, 16, 64), np.uint8), np.ones((128, 1), np.float32),
+                               256, "amx")
+    with pytest.raises(ValueError, match="tile path 'amx' needs AMX-INT8"):
+        lm_head.LM_HEAD["amx"](None, None, None, np.ones(4, np.float32), None, None, None, -1)

@@ -59,6 +59,12 @@ def amx_usable() -> bool:
         return False
 
 
+def require_amx(what: str) -> None:
+    """Raise a ValueError naming `what` unless AMX-INT8 is usable (asks the OS once per process)."""
+    if not amx_usable():
+        raise ValueError(f"{what} 'amx' needs AMX-INT8 and the OS's tile state")
+
+
 def _void_fn(module, name, args):
     return cgutils.get_or_insert_function(module, ir.FunctionType(ir.VoidType(), args), name)
 

@@ -22,7 +22,7 @@ from numba import prange
 from .cpu import jit, pjit
 from .simd import COLS, F16_ACC, F16_LANES, KSTEP, PATHS as SIMD_PATHS
 from .simd import bcast_tile, exp_sum, f16_tile
-from .amx import (TILE_K, TILE_ROWS, amx_usable, tile_config, tile_pass_us, tile_release,
+from .amx import (TILE_K, TILE_ROWS, require_amx, tile_config, tile_pass_us, tile_release,
                   whole_tiles)
 from .dispatch import PATHS as KERNEL_PATHS
 from .ternary import M_ALIGN
@@ -259,8 +259,7 @@ def _lm_amx(logits, part, u, xscale, e8, e_inv, e_sum, exclude):
     if m < AMX_HEAD_MIN_ROWS:
         _lm_vnni512(logits, part, u, xscale, e8, e_inv, e_sum, exclude)
         return
-    if not amx_usable():  # also asks the OS for the tile state, once per process
-        raise ValueError("tile path 'amx' needs AMX-INT8 and the OS's tile state")
+    require_amx("tile path")
     lm_head_int8_amx(logits, part, whole_tiles(u, U_OFFSET), xscale, e8, e_inv, e_sum, exclude,
                      numba.get_num_threads())
 

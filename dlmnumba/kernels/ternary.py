@@ -21,7 +21,7 @@ from .cpu import jit, pjit
 from .dispatch import simd_path
 from .simd import COLS, KSTEP, PACK_K, PATHS as SIMD_PATHS, VEC, bcast_tile, packed_vec, prefetch
 from .simd import unpack16
-from .amx import (N_C, TILE_K, TILE_ROWS, amx_usable, tile_config, tile_pass, tile_release,
+from .amx import (N_C, TILE_K, TILE_ROWS, require_amx, tile_config, tile_pass, tile_release,
                   whole_tiles)
 
 PACK_BLOCK = 128  # K is padded to a multiple of this (the activations' row length too)
@@ -331,8 +331,7 @@ def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.
     elif out.shape[0] == 1:
         SIMD_MATVEC[simd_path(path)](out, q, qsum, xscale, packed, scales)
     elif path == "amx" and m >= AMX_MIN_ROWS:
-        if not amx_usable():  # also asks the OS for the tile state, once per process
-            raise ValueError("kernel path 'amx' needs AMX-INT8 and the OS's tile state")
+        require_amx("kernel path")
         # whole 16-row tiles (zero rows): one tile configuration throughout
         ternary_matmul_amx(out, whole_tiles(q, 0), qsum, xscale, packed, scales,
                            numba.get_num_threads())
