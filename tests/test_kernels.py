@@ -576,10 +576,12 @@ def test_amx_kernels_refuse_without_the_os_grant(monkeypatch):
     ValueError naming the path instead of faulting on the first tile instruction."""
     from dlmnumba.kernels import amx, lm_head, ternary
     monkeypatch.setattr(amx, "amx_usable", lambda: False)
+    m = -(-ternary.AMX_MIN_ROWS // ternary.M_ALIGN) * ternary.M_ALIGN  # enough rows for tiles
+    n, k = 2 * ternary.BLOCKS * ternary.COLS, 2 * ternary.PACK_BLOCK  # operands that fit
+    packed = np.zeros((n // ternary.COLS, k // ternary.PACK_K, ternary.VEC), np.uint8)
     with pytest.raises(ValueError, match="kernel path 'amx' needs AMX-INT8"):
-        ternary.ternary_matmul(np.empty((12, 128), np.float32), np.zeros((12, 256), np.int8),
-                               np.zeros(12, np.int32), np.ones(12, np.float32),
-                               np.zeros((8, 16, 64), np.uint8), np.ones((128, 1), np.float32),
-                               256, "amx")
+        ternary.ternary_matmul(np.empty((m, n), np.float32), np.zeros((m, k), np.int8),
+                               np.zeros(m, np.int32), np.ones(m, np.float32),
+                               packed, np.ones((n, 1), np.float32), k, "amx")
     with pytest.raises(ValueError, match="tile path 'amx' needs AMX-INT8"):
         lm_head.LM_HEAD["amx"](None, None, None, np.ones(4, np.float32), None, None, None, -1)
