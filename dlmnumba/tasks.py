@@ -75,9 +75,14 @@ def sort_example(s: str) -> Example:
     return Example("sort", f"Sort: {s}", "".join(sorted(s)))
 
 
+def lookup_pair(pairs: dict[str, str], key: str) -> str:
+    """One pair as the lookup prompt writes it: `q=949`."""
+    return f"{key}={pairs[key]}"
+
+
 def lookup_example(pairs: dict[str, str], key: str) -> Example:
     """Find a key's value: the pairs come first, the query last (the answer follows it)."""
-    text = " ".join(f"{k}={v}" for k, v in pairs.items())
+    text = " ".join(lookup_pair(pairs, k) for k in pairs)
     return Example("lookup", f"Given {text}, find {key}", pairs[key])
 
 

@@ -35,9 +35,12 @@ AdamW, linear warm-up then a cosine to 10% of the peak over the fixed step count
 Data (`--mix`): the held-out tasks' own distributions plus more of what small models get wrong:
 two-digit sums and differences (`add2`, `sub2`, 10-99 as the fresh sets), ones forced to carry or
 borrow (`add_carry`, `sub_borrow`), long copies (14-24 letters) and reversals (10-16), and lookup
-at the highest weight.  Curriculum: a difficulty d rises linearly from 0 to 1 over the first
-`--curriculum` of the steps; at d an operand is one-digit with probability 1-d, strings are at
-most lo + d*(hi-lo) long, lookup has 2 + 3d pairs of values with 1 + 2d digits.
+at the highest weight, also in a multi-query form (`lookup_multi`: `Given o=903 q=949, find q o`
+-> `q=949 o=903`, several recalls per sequence; `lookup_value` answers with the bare value, as
+the bundled model's first two stages were trained).  Curriculum: a difficulty d rises linearly
+from 0 to 1 over the first `--curriculum` of the steps; at d an operand is one-digit with
+probability 1-d, strings are at most lo + d*(hi-lo) long, lookup has 2 + 3d pairs of values with
+1 + 2d digits.
 
 Reproducible from the seed: the batch of step s (its examples, block size and masks) is a pure
 function of (seed, s), so worker processes may build batches ahead, and the step count is fixed
@@ -45,10 +48,10 @@ in advance (`--probe` times steps and prints how many fit a time budget; the run
 `--steps`).  `--checkpoint` saves model, optimizer, step and every RNG state; `--resume`
 continues bit-identically on the CPU (on CUDA up to the GPU's non-deterministic atomics).
 `--time-budget` ends a run early (checkpoint and export) when its training time runs out.
-`--init-from CHECKPOINT` starts a new stage from a checkpoint's weights (same shape; fresh
-optimizer, this run's own seed, step count, schedule and mix): the shipped model is stage 1
-stopped at a step, then a stage that weights the tasks it still got wrong (both command lines:
-scripts/toy_recipe.sh).  A stage resumes like any run.
+`--init-from CHECKPOINT` starts a new stage from a checkpoint's weights (same shape, or more KV
+heads: copies of its own, the same function; fresh optimizer, this run's own seed, step count,
+schedule and mix): the shipped model is stage 1 stopped at a step, then stages that weight the
+tasks it still got wrong (the command lines: scripts/toy_recipe.sh).  A stage resumes like any run.
 After training the model is scored in torch on the held-out and fresh sets with the engine's
 decoding policies re-implemented here (`torch_decode`), and the best diffusion settings go into
 the file as its recommended decode settings (`diffusion.decode_mode`, `.block_size`,
@@ -73,6 +76,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -201,10 +205,11 @@ class ToyDLM(nn.Module):
         self.layers = nn.ModuleList(Layer(s) for _ in range(s.n_layer))
         self.output_norm = nn.Parameter(torch.ones(s.n_embd))
 
-    def hidden(self, ids: torch.Tensor, pos: torch.Tensor,
-               allow: torch.Tensor | None) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, pos: torch.Tensor, allow: torch.Tensor | None,
+               probe: tuple[int, int] | None = None):
         """Final-normed hidden states [B, T, E]; allow[B or 1, T, T] True where i may attend j,
-        None for causal attention."""
+        None for causal attention.  probe (layer, head): also return that head's attention
+        log-probabilities [B, T, T] (causal attention only)."""
         s = self.s
         b, t = ids.shape
         hd = s.n_embd // s.n_head
@@ -220,20 +225,26 @@ class ToyDLM(nn.Module):
         x = self.embd[ids]
         mask = None if allow is None else allow[:, None]
         rep = s.n_head // s.n_head_kv
-        for L in self.layers:
+        seen = None
+        for li, L in enumerate(self.layers):
             h = rmsnorm(x, L.attn_norm, s.rms_eps)
             q = L.q(h).view(b, t, s.n_head, hd).transpose(1, 2)
             k = L.k(h).view(b, t, s.n_head_kv, hd).transpose(1, 2)
             v = L.v(h).view(b, t, s.n_head_kv, hd).transpose(1, 2)
             q, k = rope(q), rope(k)
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            if probe is not None and li == probe[0]:
+                w = q[:, probe[1]] @ k[:, probe[1]].transpose(-1, -2) / math.sqrt(hd)
+                causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+                seen = w.masked_fill(~causal, float("-inf")).log_softmax(-1)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
             a = a.transpose(1, 2).reshape(b, t, s.n_embd)
             x = x + L.o(rmsnorm(a, L.attn_sub_norm, s.rms_eps))
             h = rmsnorm(x, L.ffn_norm, s.rms_eps)
             g = F.relu(L.gate(h)).pow(2) * L.up(h)
             x = x + L.down(rmsnorm(g, L.ffn_sub_norm, s.rms_eps))
-        return rmsnorm(x, self.output_norm, s.rms_eps)
+        out = rmsnorm(x, self.output_norm, s.rms_eps)
+        return out if probe is None else (out, seen)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.embd.T
@@ -276,6 +287,15 @@ def _span(lo: int, hi: int, d: float) -> int:
     return lo + round(d * (hi - lo))
 
 
+def lookup_multi_example(pairs: dict[str, str], rng: random.Random) -> T.Example:
+    """Training only: every key queried once, in random order, one lookup answer each
+    (`Given o=903 q=949, find q o` -> `q=949 o=903`): several recalls per sequence."""
+    keys = rng.sample(list(pairs), len(pairs))
+    ex = T.lookup_example(pairs, keys[0])
+    return T.Example("lookup", f"{ex.prompt} {' '.join(keys[1:])}".rstrip(),
+                     " ".join(T.lookup_pair(pairs, k) for k in keys))
+
+
 def _draw(rng: random.Random, entry: str, d: float) -> T.Example:
     """One example of a training-mix entry at difficulty d (before the held-out filter)."""
     if entry in ("add", "add2", "add_carry", "sub", "sub2", "sub_borrow"):
@@ -299,10 +319,14 @@ def _draw(rng: random.Random, entry: str, d: float) -> T.Example:
     if entry == "sort":
         n = rng.randint(2, _span(4, 12, d))
         return T.sort_example("".join(rng.choice("0123456789") for _ in range(n)))
-    if entry == "lookup":
+    if entry in ("lookup", "lookup_value", "lookup_multi"):
         keys = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(2, _span(2, 5, d)))
-        values = [str(T.number(rng, _span(1, 3, d))) for _ in keys]
-        return T.lookup_example(dict(zip(keys, values)), rng.choice(keys))
+        pairs = dict(zip(keys, (str(T.number(rng, _span(1, 3, d))) for _ in keys)))
+        if entry == "lookup_multi":
+            return lookup_multi_example(pairs, rng)
+        ex = T.lookup_example(pairs, key := rng.choice(keys))
+        # lookup_value: the bare value, the answer stages 1 and 2 of the bundled model trained on
+        return ex if entry == "lookup" else dataclasses.replace(ex, answer=pairs[key])
     raise ValueError(f"unknown training-mix entry {entry!r}")
 
 
@@ -370,6 +394,8 @@ class DataConfig:
     entries: tuple[str, ...]
     weights: tuple[float, ...]
     curriculum_steps: int
+    recall_weight: float = 0.0  # > 0: AR batches carry recall_sources (see --recall-weight)
+    recall_head: tuple[int, int] = (0, 0)  # (layer, head) whose attention is supervised
 
     def is_ar(self, step: int) -> bool:
         return step < self.ar_steps or bool(self.ar_every and step % self.ar_every == 0)
@@ -389,6 +415,26 @@ class Batch:
     end: np.ndarray
     block: int = 0
     masked: np.ndarray | None = None
+    recall: np.ndarray | None = None  # [B, T]: see recall_sources (-1: none)
+
+
+_PAIR = re.compile(r"([a-z])=(\d+)")
+
+
+def recall_sources(enc: Encoder, ex: T.Example, plen: int, t: int) -> np.ndarray:
+    """[t]: for the position whose next token is a digit of a lookup answer's pair (`q=949`),
+    the prompt position of that digit in the pair `q=949` of the prompt; -1 elsewhere.  The
+    char vocabulary puts character c of the prompt text at token len(enc.head) + c and
+    character c of " " + answer at plen + c."""
+    out = np.full(t, -1, np.int64)
+    if ex.task != "lookup":
+        return out
+    start = {m.group(1): len(enc.head) + m.start(2) for m in _PAIR.finditer(ex.prompt)}
+    for m in _PAIR.finditer(" " + ex.answer):
+        if m.group(1) in start:
+            for j in range(len(m.group(2))):
+                out[plen + m.start(2) + j - 1] = start[m.group(1)] + j
+    return out
 
 
 _ENCODER: Encoder | None = None
@@ -406,7 +452,7 @@ def make_batch(cfg: DataConfig, step: int, kind: str | None = None,
     d = cfg.difficulty(step) if difficulty is None else difficulty
     block = rng.choice(cfg.block_sizes) if kind == "dlm" else 1
     n = cfg.batch if kind == "ar" else max(1, cfg.batch // 2)
-    seqs, plens = [], []
+    seqs, plens, exs = [], [], []
     for entry in rng.choices(cfg.entries, cfg.weights, k=n):
         ex = _draw(rng, entry, d)
         for _ in range(1000):
@@ -418,12 +464,15 @@ def make_batch(cfg: DataConfig, step: int, kind: str | None = None,
         p = enc.prompt(ex.prompt)
         seqs.append(p + enc.answer(ex.answer))
         plens.append(len(p))
+        exs.append(ex)
     t = -(-max(map(len, seqs)) // block) * block
     ids = np.full((n, t), enc.eot, np.int64)
     for i, x in enumerate(seqs):
         ids[i, :len(x)] = x
     out = Batch(kind, ids, np.array(plens, np.int64), np.array([len(x) for x in seqs], np.int64),
                 block)
+    if kind == "ar" and cfg.recall_weight:
+        out.recall = np.stack([recall_sources(enc, ex, pl, t) for ex, pl in zip(exs, plens)])
     if kind == "dlm":
         nrng = np.random.default_rng([cfg.seed, step])
         ratio = np.repeat(nrng.random((n, t // block)), block, axis=1)
@@ -490,14 +539,25 @@ def _masked_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -
     return (ce * keep).sum() / keep.sum().clamp(min=1)
 
 
-def ar_loss(model: ToyDLM, ids, plen, end) -> torch.Tensor:
-    """Next-token loss on the answer (and its EOT), causal attention."""
+def ar_loss(model: ToyDLM, ids, plen, end, recall=None, head=(0, 0),
+            weight: float = 0.0) -> torch.Tensor:
+    """Next-token loss on the answer (and its EOT), causal attention; with recall [B, T] (see
+    recall_sources) plus weight x the mean negative log of the attention that `head` pays, at
+    each position that copies a lookup value's digit, to that digit in the prompt."""
     b, t = ids.shape
     pos = torch.arange(t, device=ids.device)
-    h = model.hidden(ids, pos.expand(b, t), None)
+    h = model.hidden(ids, pos.expand(b, t), None, probe=head if recall is not None else None)
     tgt_pos = pos[None, 1:]
     keep = (tgt_pos >= plen[:, None]) & (tgt_pos < end[:, None])
-    return _masked_ce(model.logits(h[:, :-1]), ids[:, 1:], keep)
+    if recall is None:
+        return _masked_ce(model.logits(h[:, :-1]), ids[:, 1:], keep)
+    h, logp = h
+    ce = _masked_ce(model.logits(h[:, :-1]), ids[:, 1:], keep)
+    on = recall >= 0
+    if not bool(on.any()):
+        return ce
+    paid = logp.gather(-1, recall.clamp(min=0)[..., None])[..., 0]
+    return ce - weight * paid[on].mean()
 
 
 def dlm_loss(model: ToyDLM, ids, plen, end, block: int, m: torch.Tensor, mask_id: int,
@@ -523,11 +583,15 @@ def dlm_loss(model: ToyDLM, ids, plen, end, block: int, m: torch.Tensor, mask_id
     return _masked_ce(model.logits(h[:, src]), ids2[:, 1:], keep)
 
 
-def batch_loss(model: ToyDLM, batch: Batch, device, mask_id: int, masks: Masks) -> torch.Tensor:
+def batch_loss(model: ToyDLM, batch: Batch, device, mask_id: int, masks: Masks,
+               cfg: DataConfig | None = None) -> torch.Tensor:
     ids, plen, end = (torch.from_numpy(a).to(device, non_blocking=True)
                       for a in (batch.ids, batch.plen, batch.end))
     if batch.kind == "ar":
-        return ar_loss(model, ids, plen, end)
+        if batch.recall is None or cfg is None:
+            return ar_loss(model, ids, plen, end)
+        recall = torch.from_numpy(batch.recall).to(device, non_blocking=True)
+        return ar_loss(model, ids, plen, end, recall, cfg.recall_head, cfg.recall_weight)
     m = torch.from_numpy(batch.masked).to(device, non_blocking=True)
     return dlm_loss(model, ids, plen, end, batch.block, m, mask_id, masks)
 
@@ -787,7 +851,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 # Arguments that define the trained model (a checkpoint must agree on them to be resumed).
 SHAPE_ARGS = ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff")
 MODEL_ARGS = ("seed", "steps", "ar_frac", "ar_every", "batch", "lr", "warmup", "block_sizes",
-              "mix", "curriculum", *SHAPE_ARGS, "init_from")
+              "mix", "curriculum", *SHAPE_ARGS, "init_from", "recall_weight", "recall_head")
 
 
 def pick_device(name: str) -> torch.device:
@@ -812,7 +876,9 @@ def data_config(args) -> DataConfig:
                       ar_every=args.ar_every, batch=args.batch,
                       block_sizes=tuple(int(b) for b in args.block_sizes.split(",")),
                       entries=entries, weights=weights,
-                      curriculum_steps=round(args.curriculum * args.steps))
+                      curriculum_steps=round(args.curriculum * args.steps),
+                      recall_weight=args.recall_weight,
+                      recall_head=tuple(int(x) for x in args.recall_head.split(",")))
 
 
 def rng_states(device: torch.device) -> dict:
@@ -843,10 +909,11 @@ def save_checkpoint(path: Path, model, opt, step: int, args, device, elapsed: fl
     tmp.replace(path)
 
 
-def _read_checkpoint(path: Path, args, keys, mismatch: str) -> dict:
-    """Checkpoint `path` (version checked); SystemExit `mismatch` when it disagrees with args on
-    one of `keys` (None: every argument it records)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+def _read_checkpoint(path: Path, args, keys, mismatch: str, ck: dict | None = None) -> dict:
+    """Checkpoint `path` (version checked; ck: already loaded from it); SystemExit `mismatch`
+    when it disagrees with args on one of `keys` (None: every argument it records)."""
+    if ck is None:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
     if ck.get("version") != CHECKPOINT_VERSION:
         raise SystemExit(f"{path}: checkpoint version {ck.get('version')}, "
                          f"expected {CHECKPOINT_VERSION}")
@@ -865,10 +932,33 @@ def load_checkpoint(path: Path, args) -> dict:
 
 
 def init_weights(path: Path, args) -> dict:
-    """The checkpoint whose model weights start a new stage (--init-from): its shape must be
-    this run's; its optimizer, step and RNG states are not used."""
-    return _read_checkpoint(path, args, SHAPE_ARGS,
-                            f"--init-from {path}: the checkpoint's model has another shape")
+    """The model weights that start a new stage (--init-from): the checkpoint's shape must be
+    this run's, except that --n-head-kv may be a multiple of the checkpoint's (its key and value
+    heads are then copied, see grow_kv_heads); its optimizer, step and RNG states are not used."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    old_kv, new_kv = ck.get("args", {}).get("n_head_kv"), args.n_head_kv
+    grow = (isinstance(old_kv, int) and new_kv != old_kv and new_kv % old_kv == 0
+            and args.n_head % new_kv == 0)
+    same = argparse.Namespace(**{**vars(args), "n_head_kv": old_kv}) if grow else args
+    ck = _read_checkpoint(path, same, SHAPE_ARGS,
+                          f"--init-from {path}: the checkpoint's model has another shape", ck)
+    if grow:
+        ck["model"] = grow_kv_heads(ck["model"], args.n_embd // args.n_head, old_kv, new_kv)
+    return ck
+
+
+def grow_kv_heads(state: dict, head_dim: int, old_kv: int, new_kv: int) -> dict:
+    """The same model with new_kv key/value heads instead of old_kv (a multiple): query head h
+    read KV head h // (n_head/old_kv); each of those is copied new_kv/old_kv times, in order, so
+    it still does.  A copied tensor keeps its ternary codes and its absmean scale (up to the last
+    bit of the float sum): the grown model computes what the old one did, and the copies are free
+    to part in training."""
+    out = dict(state)
+    for name, w in state.items():
+        if name.endswith((".k.weight", ".v.weight")):
+            out[name] = (w.view(old_kv, head_dim, -1).repeat_interleave(new_kv // old_kv, 0)
+                         .reshape(new_kv * head_dim, -1).clone())
+    return out
 
 
 def make_optimizer(model: ToyDLM, args, device) -> torch.optim.Optimizer:
@@ -884,7 +974,7 @@ def train_steps(model, opt, batches, steps, args, device, cfg: DataConfig, on_st
     for step, batch in zip(steps, batches):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.steps, args.lr, args.warmup)
-        loss = batch_loss(model, batch, device, mask_id, masks)
+        loss = batch_loss(model, batch, device, mask_id, masks, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -1076,6 +1166,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mix", default=DEFAULT_MIX, help="training mix, entry=weight,...")
     ap.add_argument("--curriculum", type=float, default=0.15,
                     help="fraction of the steps over which the difficulty rises to 1")
+    ap.add_argument("--recall-weight", type=float, default=0.0,
+                    help="weight of the lookup recall attention loss (0: off; see ar_loss)")
+    ap.add_argument("--recall-head", default="2,0", metavar="LAYER,HEAD",
+                    help="the head whose attention --recall-weight supervises")
     ap.add_argument("--n-embd", type=int, default=TOY_SHAPE.n_embd)
     ap.add_argument("--n-layer", type=int, default=TOY_SHAPE.n_layer)
     ap.add_argument("--n-head", type=int, default=TOY_SHAPE.n_head)

@@ -97,3 +97,77 @@ def test_a_stage_starts_from_the_checkpoints_weights_and_resumes(trainer, tmp_pa
     assert all(torch.equal(w[k], r[k]) for k in w)
     with pytest.raises(SystemExit, match="n_embd=64 .now 128."):
         trainer.train(trainer.parse_args(TINY[2:] + ["--n-embd", "128", "--init-from", str(ck)]))
+
+
+def test_a_stage_may_copy_the_checkpoints_kv_heads_and_computes_the_same(trainer, tmp_path):
+    ck = tmp_path / "stage1.pt"
+    stage1, _ = trainer.train(trainer.parse_args(TINY + ["--checkpoint", str(ck),
+                                                         "--stop-at", "3"]))
+    kv = TINY.index("--n-head-kv") + 1
+    wide = TINY[:kv] + ["4"] + TINY[kv + 1:] + ["--init-from", str(ck), "--lr", "0"]
+    grown, _ = trainer.train(trainer.parse_args(wide))
+    hd = 64 // 4
+    old, new = stage1.state_dict(), grown.state_dict()
+    for name in old:
+        if name.endswith((".k.weight", ".v.weight")):
+            o, n = old[name].view(2, hd, -1), new[name].view(4, hd, -1)
+            for h in range(4):  # query head h read KV head h // 2 and now reads KV head h
+                assert torch.equal(n[h], o[h // 2])
+        else:
+            assert torch.equal(old[name], new[name])
+    ids = torch.tensor([T.heldout("lookup", 1)[0].prompt.encode()], dtype=torch.long)
+    pos = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        a = stage1.logits(stage1.hidden(ids, pos, None))
+        b = grown.logits(grown.hidden(ids, pos, None))
+    # the same codes; the absmean scale may differ in its last bit (another summation order)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert torch.allclose(a, b, atol=1e-2 * float(a.abs().max()))
+    for bad in ("3", "1"):  # not a multiple of the checkpoint's 2, or fewer
+        with pytest.raises(SystemExit, match="n_head_kv=2"):
+            trainer.train(trainer.parse_args(TINY[:kv] + [bad] + TINY[kv + 1:] +
+                                             ["--init-from", str(ck)]))
+
+
+def test_multi_query_lookup_answers_each_key_with_its_pair_from_the_prompt(trainer):
+    import random
+    import re
+
+    rng = random.Random(7)
+    for _ in range(50):
+        ex = trainer._draw(rng, "lookup_multi", 1.0)
+        m = re.fullmatch(r"Given ((?:[a-z]=\d+ ?)+), find ([a-z](?: [a-z])*)", ex.prompt)
+        pairs = dict(p.split("=") for p in m.group(1).split())
+        keys = m.group(2).split()
+        assert sorted(keys) == sorted(pairs)  # every key once
+        assert ex.answer == " ".join(f"{k}={pairs[k]}" for k in keys)
+
+
+def test_recall_sources_point_at_the_digit_each_answer_position_copies(trainer):
+    args = trainer.parse_args(TINY + ["--mix", "lookup=1,lookup_multi=1,add=1",
+                                      "--recall-weight", "1", "--batch", "32"])
+    cfg = trainer.data_config(args)
+    seen = 0
+    for step in range(3):  # AR steps carry recall sources
+        b = trainer.make_batch(cfg, step, kind="ar")
+        for row, rec, plen in zip(b.ids, b.recall, b.plen):
+            for i in np.nonzero(rec >= 0)[0]:
+                assert i >= plen - 1 and rec[i] < plen  # answer position -> prompt position
+                assert row[rec[i]] == row[i + 1] and chr(row[i + 1]).isdigit()
+                assert chr(row[rec[i] - 1]) == "=" or chr(row[rec[i] - 1]).isdigit()
+                seen += 1
+    assert seen > 50
+    assert trainer.make_batch(cfg, 3, kind="dlm").recall is None
+
+
+def test_probed_attention_is_the_heads_causal_distribution_and_changes_nothing(trainer):
+    torch.manual_seed(0)
+    model = trainer.ToyDLM(trainer.Shape(n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128))
+    ids = torch.randint(0, 256, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    plain = model.hidden(ids, pos, None)
+    out, logp = model.hidden(ids, pos, None, probe=(1, 3))
+    assert torch.equal(plain, out)
+    p = logp.exp()
+    assert torch.allclose(p.sum(-1), torch.ones(2, 12))
+    assert float(p.triu(1).abs().max()) == 0.0  # causal
