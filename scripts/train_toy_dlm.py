@@ -206,10 +206,10 @@ class ToyDLM(nn.Module):
         self.output_norm = nn.Parameter(torch.ones(s.n_embd))
 
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor, allow: torch.Tensor | None,
-               probe: tuple[int, int] | None = None):
+               probe: tuple[tuple[int, int], ...] = ()):
         """Final-normed hidden states [B, T, E]; allow[B or 1, T, T] True where i may attend j,
-        None for causal attention.  probe (layer, head): also return that head's attention
-        log-probabilities [B, T, T] (causal attention only)."""
+        None for causal attention.  probe ((layer, head), ...): also return those heads'
+        attention log-probabilities, a list of [B, T, T] (causal attention only)."""
         s = self.s
         b, t = ids.shape
         hd = s.n_embd // s.n_head
@@ -225,7 +225,7 @@ class ToyDLM(nn.Module):
         x = self.embd[ids]
         mask = None if allow is None else allow[:, None]
         rep = s.n_head // s.n_head_kv
-        seen = None
+        seen: dict[tuple[int, int], torch.Tensor] = {}
         for li, L in enumerate(self.layers):
             h = rmsnorm(x, L.attn_norm, s.rms_eps)
             q = L.q(h).view(b, t, s.n_head, hd).transpose(1, 2)
@@ -233,10 +233,11 @@ class ToyDLM(nn.Module):
             v = L.v(h).view(b, t, s.n_head_kv, hd).transpose(1, 2)
             q, k = rope(q), rope(k)
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-            if probe is not None and li == probe[0]:
-                w = q[:, probe[1]] @ k[:, probe[1]].transpose(-1, -2) / math.sqrt(hd)
-                causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
-                seen = w.masked_fill(~causal, float("-inf")).log_softmax(-1)
+            for layer, head in probe:
+                if layer == li:
+                    w = q[:, head] @ k[:, head].transpose(-1, -2) / math.sqrt(hd)
+                    causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+                    seen[layer, head] = w.masked_fill(~causal, float("-inf")).log_softmax(-1)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
             a = a.transpose(1, 2).reshape(b, t, s.n_embd)
             x = x + L.o(rmsnorm(a, L.attn_sub_norm, s.rms_eps))
@@ -244,7 +245,7 @@ class ToyDLM(nn.Module):
             g = F.relu(L.gate(h)).pow(2) * L.up(h)
             x = x + L.down(rmsnorm(g, L.ffn_sub_norm, s.rms_eps))
         out = rmsnorm(x, self.output_norm, s.rms_eps)
-        return out if probe is None else (out, seen)
+        return (out, [seen[lh] for lh in probe]) if probe else out
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.embd.T
@@ -395,7 +396,8 @@ class DataConfig:
     weights: tuple[float, ...]
     curriculum_steps: int
     recall_weight: float = 0.0  # > 0: AR batches carry recall_sources (see --recall-weight)
-    recall_head: tuple[int, int] = (0, 0)  # (layer, head) whose attention is supervised
+    recall_head: tuple[int, int] = (0, 0)  # (layer, head) taught the copy step
+    key_head: tuple[int, int] | None = None  # (layer, head) taught the key step (None: none)
 
     def is_ar(self, step: int) -> bool:
         return step < self.ar_steps or bool(self.ar_every and step % self.ar_every == 0)
@@ -415,25 +417,32 @@ class Batch:
     end: np.ndarray
     block: int = 0
     masked: np.ndarray | None = None
-    recall: np.ndarray | None = None  # [B, T]: see recall_sources (-1: none)
+    recall: np.ndarray | None = None  # [B, 2, T]: see recall_sources (-1: none)
 
 
 _PAIR = re.compile(r"([a-z])=(\d+)")
 
 
 def recall_sources(enc: Encoder, ex: T.Example, plen: int, t: int) -> np.ndarray:
-    """[t]: for the position whose next token is a digit of a lookup answer's pair (`q=949`),
-    the prompt position of that digit in the pair `q=949` of the prompt; -1 elsewhere.  The
-    char vocabulary puts character c of the prompt text at token len(enc.head) + c and
+    """[2, t] attention targets of a lookup example (-1: none), the two steps of a recall:
+    row 0 (copy): for the position whose next token is a digit of an answer's pair (`q=949`),
+    the prompt position of that digit in the prompt's pair `q=949`; row 1 (key): for those
+    positions, the answer's key `q`, and for each digit of a value in the prompt, its key.
+    The char vocabulary puts character c of the prompt text at token len(enc.head) + c and
     character c of " " + answer at plen + c."""
-    out = np.full(t, -1, np.int64)
+    out = np.full((2, t), -1, np.int64)
     if ex.task != "lookup":
         return out
-    start = {m.group(1): len(enc.head) + m.start(2) for m in _PAIR.finditer(ex.prompt)}
+    head = len(enc.head)
+    start = {}
+    for m in _PAIR.finditer(ex.prompt):
+        start[m.group(1)] = head + m.start(2)
+        out[1, head + m.start(2):head + m.end(2)] = head + m.start(1)
     for m in _PAIR.finditer(" " + ex.answer):
         if m.group(1) in start:
             for j in range(len(m.group(2))):
-                out[plen + m.start(2) + j - 1] = start[m.group(1)] + j
+                out[0, plen + m.start(2) + j - 1] = start[m.group(1)] + j
+                out[1, plen + m.start(2) + j - 1] = plen + m.start(1)
     return out
 
 
@@ -539,25 +548,27 @@ def _masked_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -
     return (ce * keep).sum() / keep.sum().clamp(min=1)
 
 
-def ar_loss(model: ToyDLM, ids, plen, end, recall=None, head=(0, 0),
-            weight: float = 0.0) -> torch.Tensor:
-    """Next-token loss on the answer (and its EOT), causal attention; with recall [B, T] (see
-    recall_sources) plus weight x the mean negative log of the attention that `head` pays, at
-    each position that copies a lookup value's digit, to that digit in the prompt."""
+def ar_loss(model: ToyDLM, ids, plen, end, recall=None, heads=(), weight: float = 0.0
+            ) -> torch.Tensor:
+    """Next-token loss on the answer (and its EOT), causal attention; with recall [B, 2, T] (see
+    recall_sources) and heads (copy head, key head or None), plus weight x the mean negative log
+    of the attention each head pays to its targets."""
     b, t = ids.shape
     pos = torch.arange(t, device=ids.device)
-    h = model.hidden(ids, pos.expand(b, t), None, probe=head if recall is not None else None)
+    taught = [(lh, recall[:, row]) for row, lh in enumerate(heads) if lh is not None] \
+        if recall is not None else []
+    h = model.hidden(ids, pos.expand(b, t), None, probe=tuple(lh for lh, _ in taught))
+    if taught:
+        h, logps = h
     tgt_pos = pos[None, 1:]
     keep = (tgt_pos >= plen[:, None]) & (tgt_pos < end[:, None])
-    if recall is None:
-        return _masked_ce(model.logits(h[:, :-1]), ids[:, 1:], keep)
-    h, logp = h
-    ce = _masked_ce(model.logits(h[:, :-1]), ids[:, 1:], keep)
-    on = recall >= 0
-    if not bool(on.any()):
-        return ce
-    paid = logp.gather(-1, recall.clamp(min=0)[..., None])[..., 0]
-    return ce - weight * paid[on].mean()
+    loss = _masked_ce(model.logits(h[:, :-1]), ids[:, 1:], keep)
+    for (_, target), logp in zip(taught, logps if taught else ()):
+        on = target >= 0
+        if bool(on.any()):
+            paid = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+            loss = loss - weight * paid[on].mean()
+    return loss
 
 
 def dlm_loss(model: ToyDLM, ids, plen, end, block: int, m: torch.Tensor, mask_id: int,
@@ -591,7 +602,8 @@ def batch_loss(model: ToyDLM, batch: Batch, device, mask_id: int, masks: Masks,
         if batch.recall is None or cfg is None:
             return ar_loss(model, ids, plen, end)
         recall = torch.from_numpy(batch.recall).to(device, non_blocking=True)
-        return ar_loss(model, ids, plen, end, recall, cfg.recall_head, cfg.recall_weight)
+        return ar_loss(model, ids, plen, end, recall, (cfg.recall_head, cfg.key_head),
+                       cfg.recall_weight)
     m = torch.from_numpy(batch.masked).to(device, non_blocking=True)
     return dlm_loss(model, ids, plen, end, batch.block, m, mask_id, masks)
 
@@ -851,7 +863,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 # Arguments that define the trained model (a checkpoint must agree on them to be resumed).
 SHAPE_ARGS = ("n_embd", "n_layer", "n_head", "n_head_kv", "n_ff")
 MODEL_ARGS = ("seed", "steps", "ar_frac", "ar_every", "batch", "lr", "warmup", "block_sizes",
-              "mix", "curriculum", *SHAPE_ARGS, "init_from", "recall_weight", "recall_head")
+              "mix", "curriculum", *SHAPE_ARGS, "init_from", "recall_weight", "recall_head",
+              "key_head")
 
 
 def pick_device(name: str) -> torch.device:
@@ -878,7 +891,13 @@ def data_config(args) -> DataConfig:
                       entries=entries, weights=weights,
                       curriculum_steps=round(args.curriculum * args.steps),
                       recall_weight=args.recall_weight,
-                      recall_head=tuple(int(x) for x in args.recall_head.split(",")))
+                      recall_head=_layer_head(args.recall_head),
+                      key_head=_layer_head(args.key_head) if args.key_head else None)
+
+
+def _layer_head(text: str) -> tuple[int, int]:
+    layer, head = (int(x) for x in text.split(","))
+    return layer, head
 
 
 def rng_states(device: torch.device) -> dict:
@@ -1169,7 +1188,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--recall-weight", type=float, default=0.0,
                     help="weight of the lookup recall attention loss (0: off; see ar_loss)")
     ap.add_argument("--recall-head", default="2,0", metavar="LAYER,HEAD",
-                    help="the head whose attention --recall-weight supervises")
+                    help="the head --recall-weight teaches the copy step of a lookup")
+    ap.add_argument("--key-head", default="", metavar="LAYER,HEAD",
+                    help="the head --recall-weight teaches the key step (each digit of a value, "
+                    "and each answer position that copies one, attends to its key)")
     ap.add_argument("--n-embd", type=int, default=TOY_SHAPE.n_embd)
     ap.add_argument("--n-layer", type=int, default=TOY_SHAPE.n_layer)
     ap.add_argument("--n-head", type=int, default=TOY_SHAPE.n_head)

@@ -143,19 +143,25 @@ def test_multi_query_lookup_answers_each_key_with_its_pair_from_the_prompt(train
         assert ex.answer == " ".join(f"{k}={pairs[k]}" for k in keys)
 
 
-def test_recall_sources_point_at_the_digit_each_answer_position_copies(trainer):
+def test_recall_sources_point_at_the_digit_each_answer_position_copies_and_its_key(trainer):
     args = trainer.parse_args(TINY + ["--mix", "lookup=1,lookup_multi=1,add=1",
                                       "--recall-weight", "1", "--batch", "32"])
     cfg = trainer.data_config(args)
     seen = 0
     for step in range(3):  # AR steps carry recall sources
         b = trainer.make_batch(cfg, step, kind="ar")
-        for row, rec, plen in zip(b.ids, b.recall, b.plen):
-            for i in np.nonzero(rec >= 0)[0]:
-                assert i >= plen - 1 and rec[i] < plen  # answer position -> prompt position
-                assert row[rec[i]] == row[i + 1] and chr(row[i + 1]).isdigit()
-                assert chr(row[rec[i] - 1]) == "=" or chr(row[rec[i] - 1]).isdigit()
+        for row, (copy, key), plen in zip(b.ids, b.recall, b.plen):
+            for i in np.nonzero(copy >= 0)[0]:
+                assert i >= plen - 1 and copy[i] < plen  # answer position -> prompt position
+                assert row[copy[i]] == row[i + 1] and chr(row[i + 1]).isdigit()
+                # the answer's key (before this position) is the key of the copied digit
+                assert plen <= key[i] <= i and row[key[i]] == row[key[copy[i]]]
                 seen += 1
+            for j in np.nonzero(key >= 0)[0]:
+                assert chr(row[key[j]]).islower()  # a key letter, followed by '='
+                assert chr(row[key[j] + 1]) == "=" and key[j] < j
+                if j < plen:  # a value digit of the prompt: its pair's key, the digits between
+                    assert all(chr(row[x]).isdigit() for x in range(key[j] + 2, j + 1))
     assert seen > 50
     assert trainer.make_batch(cfg, 3, kind="dlm").recall is None
 
@@ -166,8 +172,8 @@ def test_probed_attention_is_the_heads_causal_distribution_and_changes_nothing(t
     ids = torch.randint(0, 256, (2, 12))
     pos = torch.arange(12).expand(2, 12)
     plain = model.hidden(ids, pos, None)
-    out, logp = model.hidden(ids, pos, None, probe=(1, 3))
-    assert torch.equal(plain, out)
+    out, (logp, other) = model.hidden(ids, pos, None, probe=((1, 3), (0, 0)))
+    assert torch.equal(plain, out) and not torch.equal(logp, other)
     p = logp.exp()
     assert torch.allclose(p.sum(-1), torch.ones(2, 12))
     assert float(p.triu(1).abs().max()) == 0.0  # causal
