@@ -76,14 +76,16 @@ def sort_example(s: str) -> Example:
 
 
 def lookup_pair(pairs: dict[str, str], key: str) -> str:
-    """One pair as the lookup prompt writes it: `q=949`."""
+    """One pair as the lookup prompt writes it and the answer repeats it: `q=949`."""
     return f"{key}={pairs[key]}"
 
 
 def lookup_example(pairs: dict[str, str], key: str) -> Example:
-    """Find a key's value: the pairs come first, the query last (the answer follows it)."""
+    """Find a key's value: the pairs come first, the query last; the answer is the found pair
+    (`Given o=903 q=949, find q` -> `q=949`), the key first, so that the value is what followed
+    that key in the prompt (a small model learns that copy; the bare value it did not)."""
     text = " ".join(lookup_pair(pairs, k) for k in pairs)
-    return Example("lookup", f"Given {text}, find {key}", pairs[key])
+    return Example("lookup", f"Given {text}, find {key}", lookup_pair(pairs, key))
 
 
 def _add(rng: random.Random) -> Example:

@@ -81,11 +81,15 @@ def test_eval_matches_the_library_and_writes_json(tmp_path):
     from dlmnumba.model_source import TOY_MODEL
 
     out = tmp_path / "e.json"
+    # every decode setting explicit: the file's recommended ones must not fill in for the CLI
+    # only (the library's DecodeSettings does not read the file)
     r = invoke(["eval", "--tasks", "add,reverse", "-n", "4", "--mode", "iterative",
-                "--block-size", "16", "--json", str(out)])
+                "--block-size", "16", "--small-block-size", "8", "--threshold", "0.9",
+                "--json", str(out)])
     assert r.exit_code == 0, r.stderr
     m = dlmnumba.load_model(str(TOY_MODEL))
-    gen = Generator(m, DecodeSettings(mode="iterative", block_size=16, max_tokens=48))
+    gen = Generator(m, DecodeSettings(mode="iterative", block_size=16, small_block_size=8,
+                                      threshold=0.9, max_tokens=48))
     exs = E.examples_for(["add", "reverse"], 4)
     want = [T.is_correct(e, gen.generate(m.tokenizer.encode(chat_prompt(m.file.metadata, e.prompt))).text)
             for e in exs]

@@ -21,7 +21,7 @@ def oracle_answer(prompt: str) -> str:
         return "".join(sorted(m.group(1)))
     if m := re.fullmatch(r"Given ((?:[a-z]=\d+ ?)+), find ([a-z])", prompt):
         pairs = dict(p.split("=") for p in m.group(1).split())
-        return pairs[m.group(2)]
+        return f"{m.group(2)}={pairs[m.group(2)]}"  # the found pair
     raise AssertionError(f"unparseable prompt {prompt!r}")
 
 
