@@ -226,6 +226,7 @@ class ToyDLM(nn.Module):
         mask = None if allow is None else allow[:, None]
         rep = s.n_head // s.n_head_kv
         seen: dict[tuple[int, int], torch.Tensor] = {}
+        hidden_pairs = ~block_mask(pos[0], None) if probe else None  # j after i
         for li, L in enumerate(self.layers):
             h = rmsnorm(x, L.attn_norm, s.rms_eps)
             q = L.q(h).view(b, t, s.n_head, hd).transpose(1, 2)
@@ -236,8 +237,7 @@ class ToyDLM(nn.Module):
             for layer, head in probe:
                 if layer == li:
                     w = q[:, head] @ k[:, head].transpose(-1, -2) / math.sqrt(hd)
-                    causal = torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
-                    seen[layer, head] = w.masked_fill(~causal, float("-inf")).log_softmax(-1)
+                    seen[layer, head] = w.masked_fill(hidden_pairs, float("-inf")).log_softmax(-1)
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
             a = a.transpose(1, 2).reshape(b, t, s.n_embd)
             x = x + L.o(rmsnorm(a, L.attn_sub_norm, s.rms_eps))
@@ -395,9 +395,9 @@ class DataConfig:
     entries: tuple[str, ...]
     weights: tuple[float, ...]
     curriculum_steps: int
-    recall_weight: float = 0.0  # > 0: AR batches carry recall_sources (see --recall-weight)
-    recall_head: tuple[int, int] = (0, 0)  # (layer, head) taught the copy step
-    key_head: tuple[int, int] | None = None  # (layer, head) taught the key step (None: none)
+    recall_weight: float  # > 0: AR batches carry recall_sources (see --recall-weight)
+    recall_head: tuple[int, int]  # (layer, head) taught the copy step
+    key_head: tuple[int, int] | None  # (layer, head) taught the key step (None: none)
 
     def is_ar(self, step: int) -> bool:
         return step < self.ar_steps or bool(self.ar_every and step % self.ar_every == 0)
@@ -555,15 +555,16 @@ def ar_loss(model: ToyDLM, ids, plen, end, recall=None, heads=(), weight: float 
     of the attention each head pays to its targets."""
     b, t = ids.shape
     pos = torch.arange(t, device=ids.device)
-    taught = [(lh, recall[:, row]) for row, lh in enumerate(heads) if lh is not None] \
-        if recall is not None else []
-    h = model.hidden(ids, pos.expand(b, t), None, probe=tuple(lh for lh, _ in taught))
-    if taught:
+    taught = [] if recall is None else [(lh, recall[:, row]) for row, lh in enumerate(heads)
+                                        if lh is not None]
+    probe = tuple(lh for lh, _ in taught)
+    h, logps = model.hidden(ids, pos.expand(b, t), None, probe=probe), []
+    if probe:
         h, logps = h
     tgt_pos = pos[None, 1:]
     keep = (tgt_pos >= plen[:, None]) & (tgt_pos < end[:, None])
     loss = _masked_ce(model.logits(h[:, :-1]), ids[:, 1:], keep)
-    for (_, target), logp in zip(taught, logps if taught else ()):
+    for (_, target), logp in zip(taught, logps):
         on = target >= 0
         if bool(on.any()):
             paid = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
@@ -595,11 +596,11 @@ def dlm_loss(model: ToyDLM, ids, plen, end, block: int, m: torch.Tensor, mask_id
 
 
 def batch_loss(model: ToyDLM, batch: Batch, device, mask_id: int, masks: Masks,
-               cfg: DataConfig | None = None) -> torch.Tensor:
+               cfg: DataConfig) -> torch.Tensor:
     ids, plen, end = (torch.from_numpy(a).to(device, non_blocking=True)
                       for a in (batch.ids, batch.plen, batch.end))
     if batch.kind == "ar":
-        if batch.recall is None or cfg is None:
+        if batch.recall is None:
             return ar_loss(model, ids, plen, end)
         recall = torch.from_numpy(batch.recall).to(device, non_blocking=True)
         return ar_loss(model, ids, plen, end, recall, (cfg.recall_head, cfg.key_head),
