@@ -84,8 +84,8 @@ def main() -> None:
         kw, max_tokens = MODES[name]
         if args.quick:
             max_tokens = max(4, max_tokens // 4)
-        gen = Generator(m, DecodeSettings(max_tokens=max_tokens, **kw))
-        gen.eog = frozenset()  # random weights: every sequence runs its whole budget
+        # random weights: every sequence runs its whole budget
+        gen = Generator(m, DecodeSettings(max_tokens=max_tokens, ignore_eos=True, **kw))
         gen.generate(prompts[0])  # JIT compile and warm-up (single and batched), untimed
         gen.generate_many(prompts[:2])
         for n in ns:

@@ -13,6 +13,7 @@ and the tok/s ratios.  Default model: dlmnumba's built-in default (2B-4T shapes,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from seed_replay import seed_replay  # noqa: E402
 
 def llama_runs(lc: LlamaCpp, fn, iterations: int, warmup: int):
     """RequestStats of `iterations` timed calls of fn() -> (n_tokens, passes), and wall time."""
-    from dlmnumba.decode.scheduler import RequestStats
+    from dlmnumba.decode.requests import RequestStats
 
     for _ in range(warmup):
         fn()
@@ -55,7 +56,7 @@ def main() -> None:
     import dlmnumba
     from dlmnumba import bench as B
     from dlmnumba.chat import seed_chat
-    from dlmnumba.decode.scheduler import DecodeSettings, Generator
+    from dlmnumba import DecodeSettings, Generator
 
     path = args.model or default_model()
     m = dlmnumba.load_model(path, threads=args.threads, lm_head=args.lm_head)
@@ -106,8 +107,8 @@ def main() -> None:
             DecodeSettings(mode="ar", max_tokens=args.ar_tokens),
     }
     for name, settings in runs.items():
-        gen = Generator(m, settings)
-        gen.eog = frozenset()  # random weights: time the full budget, as llama.cpp does
+        # random weights: time the full budget, as llama.cpp does
+        gen = Generator(m, dataclasses.replace(settings, ignore_eos=True))
         stats, wall = B.run_benchmark(gen, ids, args.iterations, args.warmup)
         report(name, stats, wall, settings.max_tokens)
 

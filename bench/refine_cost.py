@@ -86,11 +86,11 @@ def replay(schedule: list[int]):
 def end_to_end(model_path: str, schedule: list[int], iterations: int, threads: int,
                module: str, kernel: str | None = None) -> dict[str, float]:
     """tok/s of the scheduled iterative runs (dual cache off/on where the code has it) and ar.
-    `module`: where select_unmask is looked up (decode.policies now, decode.scheduler before)."""
+    `module`: where select_unmask is looked up (decode.policies since the policy registry)."""
     import importlib
 
     import dlmnumba
-    from dlmnumba.decode.scheduler import DecodeSettings, Generator
+    from dlmnumba import DecodeSettings, Generator
 
     m = dlmnumba.load_model(model_path, threads=threads, kernel=kernel)
     prompt = m.tokenizer.encode("USER: What is the meaning of life?<|eot_id|>ASSISTANT:")
@@ -110,9 +110,12 @@ def end_to_end(model_path: str, schedule: list[int], iterations: int, threads: i
     # round robin (one generation of each run in turn), so a slow spell of the machine hits
     # every run alike; each run replays the schedule from its own position
     gens = {}
+    ignore_eos = "ignore_eos" in DecodeSettings.__dataclass_fields__
     for name, kw in runs.items():
-        gen = Generator(m, DecodeSettings(max_tokens=128, **kw))
-        gen.eog = frozenset()
+        gen = Generator(m, DecodeSettings(max_tokens=128, **kw,
+                                          **({"ignore_eos": True} if ignore_eos else {})))
+        if not ignore_eos:  # a baseline tree from before the setting: the same by hand
+            gen.eog = frozenset()
         gens[name] = [gen, replay(schedule), 0.0, 0]
     real = target.select_unmask
     try:
@@ -171,19 +174,14 @@ def pass_costs(model_path: str, threads: int, repeats: int, kernel: str | None =
         full_sub = timed(lambda: Segment(content, cache, pos, mask, [i - 1 for i in cur],
                                          Output.ARGMAX_EXACT, mask_id))
         m.forward_batch([Segment(content, cache, pos, mask, [], Output.HIDDEN)])
-        bk = cache.k[:, :, start:start + block].copy()
-        bv = cache.v[:, :, start:start + block].copy()
+        bk, bv = (a.copy() for a in cache.view(start, start + block))
         cache.truncate(start)
         lo, hi = sub - 1, 2 * sub  # the row before the sub-block, then the sub-block
         keep = np.ones(block, bool)
         keep[lo:hi] = False
 
         def dual():
-            n = int(keep.sum())
-            cache.k[:, :, start:start + n] = bk[:, :, keep]
-            cache.v[:, :, start:start + n] = bv[:, :, keep]
-            cache.pos[start:start + n] = start + np.flatnonzero(keep)
-            cache.length = start + n
+            cache.load(start, bk[:, :, keep], bv[:, :, keep], start + np.flatnonzero(keep))
             return Segment(content[lo:hi], cache, pos[lo:hi], mask, [i - 1 - lo for i in cur],
                            Output.ARGMAX_EXACT, mask_id)
         dual_ms = timed(dual)
@@ -237,7 +235,7 @@ def main() -> None:
                      args.kernel)
     if args.baseline_tree:
         spec = json.dumps({"model": path, "schedule": schedule, "iterations": args.iterations,
-                           "threads": args.threads, "module": "dlmnumba.decode.scheduler"})
+                           "threads": args.threads, "module": "dlmnumba.decode.policies"})
         env = dict(os.environ, PYTHONPATH=str(Path(args.baseline_tree).resolve()))
         child = subprocess.run([sys.executable, str(HERE / "refine_cost.py"), "--child", spec],
                                env=env, capture_output=True, text=True, check=True)

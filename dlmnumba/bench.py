@@ -9,7 +9,8 @@ import platform
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .decode.scheduler import Generator, RequestStats
+from .decode.requests import RequestStats
+from .runtime.generator import Generator
 
 # Seed report layout: values start at column 20 (labels padded to 19 characters).
 _LABEL_WIDTH = 19

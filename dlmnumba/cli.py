@@ -163,7 +163,7 @@ DECODE_OPTION_KEYS = (
     "dlm.max_iterations_per_block", "dlm.mask_token_id", "dlm.attention", "dlm.kv_commit",
     "dlm.dual_cache", "dlm.confidence",
     "threads", "kernel", "lm_head", "sampling.temperature", "sampling.top_k", "sampling.top_p",
-    "sampling.seed",
+    "sampling.seed", "sampling.ignore_eos",
 )
 
 
@@ -204,22 +204,18 @@ def _cli_values(opts: dict, max_tokens_key: str, extra: dict | None = None) -> d
     return cli
 
 
-def _load_config(opts: dict, max_tokens_key: str, extra: dict | None = None,
-                 recommended: dict | None = None):
-    """The effective config of a command's options (`recommended`: the model file's settings,
-    applied above the defaults and below environment, YAML and command line)."""
+def _resolve(opts: dict, max_tokens_key: str, extra: dict | None = None,
+             default: str = "bench", note=None):
+    """(Config, opened model file) of a command's options, each resolved once: the model file
+    (configured, or the built-in one of `default`) is opened once and its recommended settings
+    apply above the defaults and below environment, YAML and command line."""
     from .config import load_config
+    from .model_source import resolve
 
-    return load_config(opts.get("config_path"), cli=_cli_values(opts, max_tokens_key, extra),
-                       model_defaults=recommended)
-
-
-def _for_model(cfg, model, opts: dict, max_tokens_key: str, extra: dict | None = None):
-    """cfg, re-resolved with the settings the model file recommends when it has any."""
-    from .model_source import recommended_settings
-
-    rec = recommended_settings(model.file.metadata, model.path)
-    return _load_config(opts, max_tokens_key, extra, rec) if rec else cfg
+    cli = _cli_values(opts, max_tokens_key, extra)
+    return resolve(lambda recommended: load_config(opts.get("config_path"), cli=cli,
+                                                   model_defaults=recommended),
+                   default, note=note or _note, progress=_progress())
 
 
 def _readable(text: str) -> str:
@@ -232,16 +228,16 @@ def _note(text: str) -> None:
     click.echo(text, err=True)
 
 
-def _open_model(cfg, default: str = "bench", note=_note):
-    """The configured model, or the built-in one of `default` (see model_source)."""
+def _open_model(cfg, file):
+    """The model of a resolved Config, from its opened file."""
     from .model_source import open_model
 
-    return open_model(cfg, default, note=note, progress=_progress())
+    return open_model(cfg, progress=_progress(), file=file)
 
 
 def _generator(model, cfg, max_tokens: int):
     from .config import decode_settings
-    from .decode.scheduler import Generator
+    from .runtime.generator import Generator
 
     return Generator(model, decode_settings(cfg, max_tokens))
 
@@ -256,10 +252,9 @@ def _generator(model, cfg, max_tokens: int):
 def generate(prompt: str, chat: bool | None, **opts) -> None:
     """Generate text from PROMPT, streamed to stdout as blocks are committed."""
     prompt = _readable(prompt)
-    cfg = _load_config(opts, "sampling.max_tokens")
     notes: list[str] = []  # said once the request is accepted: a bad one is one line
-    m = _open_model(cfg, default="toy", note=notes.append)
-    cfg = _for_model(cfg, m, opts, "sampling.max_tokens")
+    cfg, file = _resolve(opts, "sampling.max_tokens", default="toy", note=notes.append)
+    m = _open_model(cfg, file)
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
     ids = m.tokenizer.encode(prompt_text(m.file.metadata, prompt, chat))
     stream = gen.stream(ids)
@@ -292,9 +287,8 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
 
     extra = {"benchmark.iterations": iterations, "benchmark.warmup": warmup,
              "benchmark.prompt": prompt}
-    cfg = _load_config(opts, "benchmark.max_tokens", extra)
-    m = _open_model(cfg)
-    cfg = _for_model(cfg, m, opts, "benchmark.max_tokens", extra)
+    cfg, file = _resolve(opts, "benchmark.max_tokens", extra)
+    m = _open_model(cfg, file)
     bc = cfg.benchmark
     gen = _generator(m, cfg, bc.max_tokens)
     ids = m.tokenizer.encode(seed_chat(bc.prompt))
@@ -332,21 +326,9 @@ def serve(log_level: str, **opts) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (continuous batching, prefix cache).
 
     Without --model it serves the bundled toy model, like `generate`.  Ctrl-C stops it."""
-    import dataclasses
-
-    from .gguf.reader import GGUFFile
-    from .gguf.spec import ModelSpec
-    from .model_source import recommended_settings, resolve_model_path
-
     extra = {SETTINGS[k].key: opts.pop(SETTINGS[k].param) for k in SERVE_KEYS}
-    cfg = _load_config(opts, "sampling.max_tokens", extra)
-    path = resolve_model_path(cfg.model_path, "toy", note=_note)
-    meta = GGUFFile(str(path)).metadata
-    ModelSpec.from_metadata(meta, str(path))  # a bad file fails here, before serving
-    rec = recommended_settings(meta, str(path))
-    if rec:
-        cfg = _load_config(opts, "sampling.max_tokens", extra, rec)
-    cfg = dataclasses.replace(cfg, model_path=str(path))
+    # the file is opened and checked once, before serving; its settings feed the config
+    cfg, file = _resolve(opts, "sampling.max_tokens", extra, default="toy")
     host_note = ("" if cfg.host in ("127.0.0.1", "localhost", "::1")
                  else " (reachable from other machines)")
     if cfg.cluster.backend == "ray":
@@ -357,7 +339,7 @@ def serve(log_level: str, **opts) -> None:
     from .server.build import serve_local
 
     _note(f"serving on http://{cfg.host}:{cfg.port}{host_note}; loading the model ...")
-    serve_local(cfg, log_level)
+    serve_local(cfg, log_level, file)
 
 
 @main.command("eval")
@@ -378,13 +360,12 @@ def eval_(tasks, n_per_task, json_path, show_failures, **opts) -> None:
 
     if opts.get("max_tokens") is None:
         opts["max_tokens"] = 48  # the longest answer is 25 tokens + EOT, after a block start
-    cfg = _load_config(opts, "sampling.max_tokens")
     try:
         exs = E.examples_for([t.strip() for t in tasks.split(",") if t.strip()], n_per_task)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
-    m = _open_model(cfg, default="toy")
-    cfg = _for_model(cfg, m, opts, "sampling.max_tokens")
+    cfg, file = _resolve(opts, "sampling.max_tokens", default="toy")
+    m = _open_model(cfg, file)
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
     bar = None
     if _progress():

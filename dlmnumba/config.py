@@ -15,13 +15,15 @@ import json
 import os
 import re
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import field
 from typing import Any
 
 import yaml
 
+from .decode.strategies import Sampling
 from .errors import ConfigError
+from .runtime.decode_settings import DecodeSettings
 from .settings import (DECODE_KEYS, SECTIONS, SETTINGS, SETTINGS_LIST, Setting, check,
                        check_together, error, from_text, short_repr, unknown_key)
 
@@ -180,12 +182,10 @@ def _flatten(data: Mapping[Any, Any], source: str) -> dict[str, Any]:
     return flat
 
 
-def _apply(values: dict[str, Any], sources: dict[str, str], flat: Mapping[str, Any],
-           source: str) -> None:
-    """Check and apply {dotted key: value} from one source."""
-    for key, value in flat.items():
-        values[key] = check(key, value, source)
-        sources[key] = source
+def _checked(flat: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """{dotted key: value} from one source, each value checked; and each key's source."""
+    return ({key: check(key, value, source) for key, value in flat.items()},
+            dict.fromkeys(flat, source))
 
 
 def _build(values: Mapping[str, Any]) -> Config:
@@ -201,22 +201,41 @@ def _build(values: Mapping[str, Any]) -> Config:
     return Config(**top)
 
 
+ModelDefaults = Mapping[str, Any] | Callable[[Any], Mapping[str, Any]]
+
+
 def load_config(path: str | None = None, cli: dict[str, Any] | None = None,
                 env: Mapping[str, str] | None = None,
-                model_defaults: Mapping[str, Any] | None = None) -> Config:
+                model_defaults: ModelDefaults | None = None) -> Config:
     """Defaults, then the model file's recommendations (model_source.recommended_settings),
     then environment (os.environ if env is None), then the YAML file, then CLI.  Each value is
-    checked as it is applied; the rules between keys on the merged result."""
-    values = {key: s.default for key, s in SETTINGS.items()}
-    sources = dict.fromkeys(SETTINGS, DEFAULTS_SOURCE)
-    if model_defaults:
-        _apply(values, sources, dict(model_defaults), MODEL_SOURCE)
-    _apply_env(values, sources, os.environ if env is None else env)
+    checked, the rules between keys on the merged result.
+
+    model_defaults is a mapping, or a function of the effective `model_path` returning one:
+    it is called once, after every other source has been read and checked (so the file a
+    command runs is opened once, and a bad value elsewhere is reported before it is)."""
+    layers = []  # (values, sources), lowest precedence first
+    env_values: dict[str, Any] = {}
+    env_sources: dict[str, str] = {}
+    _apply_env(env_values, env_sources, os.environ if env is None else env)
+    layers.append((env_values, env_sources))
     if path is not None:
         path = os.fspath(path)
-        _apply(values, sources, _flatten(_read_yaml(path), path), path)
+        layers.append(_checked(_flatten(_read_yaml(path), path), path))
     if cli:
-        _apply(values, sources, {k: v for k, v in cli.items() if v is not None}, CLI_SOURCE)
+        layers.append(_checked({k: v for k, v in cli.items() if v is not None}, CLI_SOURCE))
+    if callable(model_defaults):
+        model_path = SETTINGS["model_path"].default
+        for layer_values, _ in layers:
+            model_path = layer_values.get("model_path", model_path)
+        model_defaults = model_defaults(model_path)
+    if model_defaults:
+        layers.insert(0, _checked(dict(model_defaults), MODEL_SOURCE))
+    values = {key: s.default for key, s in SETTINGS.items()}
+    sources = dict.fromkeys(SETTINGS, DEFAULTS_SOURCE)
+    for layer_values, layer_sources in layers:
+        values.update(layer_values)
+        sources.update(layer_sources)
     check_together(values, sources)
     return _build(values)
 
@@ -231,9 +250,6 @@ def get(cfg: Config, key: str) -> Any:
 def decode_settings(cfg: Config, max_tokens: int | None = None):
     """The DecodeSettings of a Config (max_tokens: the command's cap, default
     sampling.max_tokens)."""
-    from .decode.scheduler import DecodeSettings
-    from .decode.strategies import Sampling
-
     sampling = {f.name for f in dataclasses.fields(Sampling)}
     kw = {name: get(cfg, key) for name, key in DECODE_KEYS.items() if name not in sampling}
     if max_tokens is not None:

@@ -1,4 +1,5 @@
 """Exception types a user can meet; the CLI prints them in one line without a traceback."""
+from __future__ import annotations
 
 
 class DlmError(Exception):
@@ -15,4 +16,16 @@ class ConfigError(DlmError, ValueError):
 
 
 class DecodeError(DlmError):
-    """A request cannot be decoded as asked (no mask token for a diffusion mode, empty prompt)."""
+    """A request cannot be decoded as asked (no mask token for a diffusion mode, empty prompt).
+
+    `field` names the request field it is about (the server's 400 names it as `param`), `code`
+    a machine-readable kind (OpenAI's `code`), when there is one."""
+
+    def __init__(self, message: str, field: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.field, self.code = field, code
+
+
+class TokenRangeError(DecodeError, ValueError):
+    """A token id outside the model's vocabulary (a ValueError too: the model's own calls
+    raise it for bad input ids)."""

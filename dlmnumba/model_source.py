@@ -67,14 +67,41 @@ def resolve_model_path(path: str | os.PathLike | None, default: str = "bench",
     return out
 
 
+def resolve(load_config: Callable[[Callable[[Any], Mapping[str, Any]]], Any],
+            default: str = "bench", note: Callable[[str], None] = lambda _: None,
+            progress: bool = False):
+    """(Config, opened GGUF file) of a command, each resolved once: `load_config` gets the
+    function that maps the effective model_path to the file's recommended settings (see
+    config.load_config); that function opens the file (the configured one, or the built-in
+    one of `default`) once and checks its metadata, so a bad file fails here.  The Config's
+    model_path is the file's path."""
+    import dataclasses
+
+    from .gguf.reader import GGUFFile
+    from .gguf.spec import ModelSpec
+
+    opened: list[GGUFFile] = []
+
+    def recommended(model_path):
+        path = str(resolve_model_path(model_path, default, note, progress))
+        f = GGUFFile(path)
+        ModelSpec.from_metadata(f.metadata, path)
+        opened.append(f)
+        return recommended_settings(f.metadata, path)
+
+    cfg = load_config(recommended)
+    return dataclasses.replace(cfg, model_path=opened[0].path), opened[0]
+
+
 def open_model(cfg, default: str = "bench", note: Callable[[str], None] = lambda _: None,
-               progress: bool = False):
-    """Load the model a Config names (or the built-in one of `default`) with its threads,
-    kernel path and LM head."""
+               progress: bool = False, file=None):
+    """Load the model a Config names (or the built-in one of `default`; or `file`, a GGUF file
+    already opened for it) with its threads, kernel path and LM head."""
     from .model.bitnet import load_model
 
-    path = resolve_model_path(cfg.model_path, default, note, progress)
-    return load_model(str(path), threads=cfg.threads, progress=progress,
+    source = file if file is not None else str(
+        resolve_model_path(cfg.model_path, default, note, progress))
+    return load_model(source, threads=cfg.threads, progress=progress,
                       kernel=None if cfg.kernel == "auto" else cfg.kernel, lm_head=cfg.lm_head)
 
 

@@ -10,8 +10,9 @@ widened for float keys, paths as text); `check_together` applies the rules that 
 each other; `check_values` does both for a plain {key: value} dict.  Errors are ConfigError
 (also a ValueError) naming the source, the key, the value and what was expected.
 
-This module imports nothing of ours but errors.py, the kernel path names and the decode modes'
-registry (decode/policies.py, decode/modes.py: neither imports settings).
+Layering: settings sits above decode (it reads the decode modes' registry, decode/policies.py
+and decode/modes.py, for the mode choices) and below runtime (DecodeSettings checks itself
+here); decode never imports it.
 """
 from __future__ import annotations
 
@@ -166,6 +167,8 @@ SETTINGS_LIST: tuple[Setting, ...] = (
     Setting("sampling.seed", int, 0, "Random seed for sampling.", check=at_least(0)),
     Setting("sampling.max_tokens", int, 128, "Most new tokens per request (an exact cap).",
             check=POSITIVE),
+    Setting("sampling.ignore_eos", bool, False, "Keep generating after an end-of-generation "
+            "token, to max_tokens (benchmarks: every request does the same work)."),
     Setting("scheduler.max_sequences", int, 16, "Most sequences decoded together (one forward "
             "pass per step over all of them).", check=POSITIVE),
     Setting("scheduler.max_waiting", int, 256, "Most requests queued for a slot; beyond, the "
@@ -214,7 +217,8 @@ DECODE_KEYS: dict[str, str] = {
     "kv_commit": "dlm.kv_commit", "dual_cache": "dlm.dual_cache",
     "confidence": "dlm.confidence",
     "mask_token_id": "dlm.mask_token_id",
-    "max_tokens": "sampling.max_tokens", "temperature": "sampling.temperature",
+    "max_tokens": "sampling.max_tokens", "ignore_eos": "sampling.ignore_eos",
+    "temperature": "sampling.temperature",
     "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
 }
 

@@ -21,7 +21,7 @@ from dlmnumba import evaluate as E  # noqa: E402
 from dlmnumba import tasks as T  # noqa: E402
 from dlmnumba.bench import environment_info  # noqa: E402
 from dlmnumba.chat import chat_prompt  # noqa: E402
-from dlmnumba.decode.scheduler import DecodeSettings, Generator  # noqa: E402
+from dlmnumba import DecodeSettings, Generator  # noqa: E402
 from dlmnumba.model_source import TOY_MODEL  # noqa: E402
 
 # (label, settings): the rows the issue asks for, in the order of the table

@@ -22,15 +22,23 @@ def synth_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer():
-    """scripts/train_toy_dlm.py as a module (torch required: the tests using it skip without)."""
-    import importlib.util
+    """The trainer package scripts/toytrain (behind scripts/train_toy_dlm.py) as one namespace of
+    its modules' public names, their `__all__` (torch required: the tests using it skip without)."""
+    import importlib
+    import pkgutil
     import sys
+    import types
     from pathlib import Path
 
     pytest.importorskip("torch")
-    script = Path(__file__).resolve().parent.parent / "scripts" / "train_toy_dlm.py"
-    spec = importlib.util.spec_from_file_location("train_toy_dlm", script)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    scripts = str(Path(__file__).resolve().parent.parent / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    package = importlib.import_module("toytrain")
+    names = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        mod = importlib.import_module(f"toytrain.{info.name}")
+        for name in mod.__all__:
+            value = getattr(mod, name)
+            assert names.setdefault(name, value) is value, f"toytrain: two public {name}s"
+    return types.SimpleNamespace(**names)

@@ -99,8 +99,7 @@ SETTINGS = [
                                                               else ""))
 def test_generate_many_equals_one_at_a_time(synth_model, kw):
     m = dlmnumba.load_model(synth_model())
-    gen = Generator(m, DecodeSettings(**kw))
-    gen.eog = frozenset()  # random weights: every request runs its whole budget
+    gen = Generator(m, DecodeSettings(ignore_eos=True, **kw))
     v = m.spec.n_vocab
     prompts = [_prompt(n, v, 50 + n) for n in (3, 11, 16, 29, 1)]
     many = gen.generate_many(prompts)
@@ -127,8 +126,7 @@ def test_generate_many_on_the_toy_model_stops_each_request_on_its_own():
 
 def test_engine_requests_join_leave_and_cancel(synth_model):
     m = dlmnumba.load_model(synth_model())
-    gen = Generator(m, DecodeSettings(mode="ar", max_tokens=10))
-    gen.eog = frozenset()
+    gen = Generator(m, DecodeSettings(ignore_eos=True, mode="ar", max_tokens=10))
     v = m.spec.n_vocab
     engine = Engine(m, max_running=2)
     a = engine.submit(gen.request(_prompt(5, v, 1)))
@@ -140,7 +138,8 @@ def test_engine_requests_join_leave_and_cancel(synth_model):
         engine.step()
     engine.cancel(a)
     rep = engine.step()
-    assert a in rep.finished and a.stats.finish_reason == "cancelled"
+    assert [o.request_id for o in rep.finished] == [a.id]
+    assert rep.finished[0].stats.finish_reason == a.stats.finish_reason == "cancelled"
     assert a.stats.generated_tokens == 4  # prefill + 3 steps, nothing after the cancel
     assert rep.sequences == 2  # c joined in a's place within the same step
     d = engine.submit(gen.request(_prompt(4, v, 4)))
@@ -152,8 +151,7 @@ def test_engine_requests_join_leave_and_cancel(synth_model):
 
 def test_engine_isolates_a_failing_request(synth_model):
     m = dlmnumba.load_model(synth_model())
-    gen = Generator(m, DecodeSettings(mode="ar", max_tokens=6))
-    gen.eog = frozenset()
+    gen = Generator(m, DecodeSettings(ignore_eos=True, mode="ar", max_tokens=6))
     engine = Engine(m)
     good = engine.submit(gen.request([1, 2, 3]))
     bad = engine.submit(gen.request([4, 5]))
@@ -170,8 +168,8 @@ def test_one_generator_from_several_threads(synth_model):
     """No per-request state on the Generator: threads get their own statistics and tokens."""
     m = dlmnumba.load_model(synth_model())
     gen = Generator(m, DecodeSettings(mode="greedy", block_size=8, max_tokens=16,
-                                      sampling=Sampling(temperature=1.0, seed=9)))
-    gen.eog = frozenset()
+                                      sampling=Sampling(temperature=1.0, seed=9),
+                                      ignore_eos=True))
     v = m.spec.n_vocab
     prompts = [_prompt(n, v, 70 + n) for n in (2, 6, 13, 21)]
     want = [gen.generate(p) for p in prompts]
@@ -198,3 +196,93 @@ def test_context_limit_is_checked_before_decoding(synth_model):
     with pytest.raises(dlmnumba.DecodeError, match=r"prompt \(3 tokens\) plus max_tokens "
                                                     rf"\({m.n_ctx}\).*context length"):
         gen.generate([1, 2, 3])
+
+
+@pytest.mark.parametrize("where, error", [("feed", RuntimeError("feed fault")),
+                                          ("next_pass", MemoryError())])
+def test_engine_isolates_any_exception_of_one_request(synth_model, where, error):
+    """Not only our own errors: any exception of one request's step fails that request only."""
+    m = dlmnumba.load_model(synth_model())
+    gen = Generator(m, DecodeSettings(mode="greedy", block_size=8, max_tokens=12,
+                                      ignore_eos=True))
+    engine = Engine(m)
+    good = engine.submit(gen.request([1, 2, 3]))
+    bad = engine.submit(gen.request([4, 5]))
+    engine.step()
+
+    def boom(*args):
+        raise error
+    setattr(bad, where, boom)
+    outs = []
+    while engine.has_work():
+        outs += engine.step().outputs
+    final = {o.request_id: o for o in outs if o.finished}
+    assert final[bad.id].error is error and final[bad.id].stats.finish_reason == "error"
+    assert final[good.id].error is None
+    assert list(final[good.id].tokens) == good.out == gen.generate([1, 2, 3]).tokens
+
+
+def test_a_pass_failing_in_the_batch_fails_only_its_own_request(synth_model):
+    """forward_batch raises for the batch: the engine runs the passes one by one, each with
+    the result it gets in the batch, and only the one that fails alone fails."""
+    m = dlmnumba.load_model(synth_model())
+    gen = Generator(m, DecodeSettings(mode="iterative", block_size=8, small_block_size=4,
+                                      threshold=0.6, max_tokens=16, ignore_eos=True))
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5], [4, 4]]
+    want = [gen.generate(p).tokens for p in prompts]
+    engine = Engine(m)
+    reqs = [engine.submit(gen.request(p)) for p in prompts]
+    poisoned = reqs[1].cache
+    real = m.forward_batch
+
+    def forward_batch(passes):
+        if any(getattr(p, "cache", None) is poisoned for p in passes) and len(passes) > 1:
+            raise RuntimeError("this batch fails")
+        if any(getattr(p, "cache", None) is poisoned for p in passes) and reqs[1].out:
+            raise RuntimeError("this sequence fails")
+        return real(passes)
+    m.forward_batch = forward_batch
+    engine.run_until_idle()
+    assert reqs[1].stats.finish_reason == "error" and "sequence fails" in str(reqs[1].error)
+    assert reqs[1].out == want[1][:len(reqs[1].out)] and reqs[1].out  # ran until it failed
+    assert [reqs[0].out, reqs[2].out] == [want[0], want[2]]
+
+
+def test_cap_fills_are_head_passes_batched_with_the_others(synth_model):
+    """At the iteration cap a request's deferred rows get their head from a HeadPass that the
+    engine batches with other requests' passes; tokens equal each request decoded alone."""
+    from dlmnumba.model.batch import HeadPass
+
+    m = dlmnumba.load_model(synth_model())
+    gen = Generator(m, DecodeSettings(mode="iterative", block_size=16, small_block_size=4,
+                                      threshold=1.0, max_iterations_per_block=2,
+                                      max_tokens=20, ignore_eos=True))
+    prompts = [_prompt(n, m.spec.n_vocab, 90 + n) for n in (3, 8, 13)]
+    want = [gen.generate(p) for p in prompts]
+    mixed = []
+    real = m.forward_batch
+
+    def spy(passes):
+        kinds = {type(p) for p in passes}
+        if HeadPass in kinds and len(passes) > 1:
+            mixed.append([type(p).__name__ for p in passes])
+        return real(passes)
+    m.forward_batch = spy
+    got = gen.generate_many(prompts)
+    assert mixed, "no head pass shared a step with another request's pass"
+    for g, w in zip(got, want):
+        assert g.tokens == w.tokens and g.stats.forward_passes == w.stats.forward_passes
+
+
+def test_a_failing_pass_raises_from_generate_and_the_generator_goes_on(synth_model):
+    m = dlmnumba.load_model(synth_model())
+    gen = Generator(m, DecodeSettings(mode="ar", max_tokens=5, ignore_eos=True))
+    want = gen.generate([1, 2, 3]).tokens
+    real = m.forward_batch
+    m.forward_batch = lambda passes: (_ for _ in ()).throw(MemoryError())
+    with pytest.raises(MemoryError):
+        gen.generate([1, 2, 3])
+    with pytest.raises(MemoryError):
+        list(gen.stream([1, 2, 3]))
+    m.forward_batch = real
+    assert gen.generate([1, 2, 3]).tokens == want

@@ -11,7 +11,7 @@ import dlmnumba
 from dlmnumba import tasks as T
 from dlmnumba.chat import chat_prompt, seed_chat
 from dlmnumba.cli import main
-from dlmnumba.decode.scheduler import DecodeSettings, Generator
+from dlmnumba import DecodeSettings, Generator
 from dlmnumba.model_source import default_model_path
 
 REPORT = re.compile(
@@ -208,3 +208,41 @@ def test_model_files_block_size_is_a_default_below_env_yaml_and_cli(tmp_path, mo
     assert block([], env={"DLMNUMBA_BLOCK_SIZE": "16"}) == 16
     assert block(["--config", str(yaml_path)]) == 8
     assert block(["--block-size", "64"]) == 64
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_the_model_file_is_opened_and_the_config_resolved_once(monkeypatch, command):
+    """serve (and generate) open the GGUF once and resolve the configuration once, the file's
+    recommended settings included; the model loads from that very file object."""
+    import dlmnumba.config
+    import dlmnumba.server.build
+    from dlmnumba.gguf import reader
+    from dlmnumba.model_source import TOY_MODEL
+
+    opened, resolved, loaded = [], [], []
+    real_init, real_load = reader.GGUFFile.__init__, dlmnumba.config.load_config
+
+    def init(self, *args, **kw):
+        opened.append(args[0] if args else kw.get("path"))
+        real_init(self, *args, **kw)
+
+    def load_config(*args, **kw):
+        resolved.append(kw.get("model_defaults"))
+        return real_load(*args, **kw)
+
+    def serve_local(cfg, log_level, file=None):  # instead of serving: the background load
+        loaded.append((cfg, dlmnumba.server.build.load_model(cfg, file)))
+
+    monkeypatch.setattr(reader.GGUFFile, "__init__", init)
+    monkeypatch.setattr(dlmnumba.config, "load_config", load_config)
+    monkeypatch.setattr(dlmnumba.server.build, "serve_local", serve_local)
+    monkeypatch.delenv("DLMNUMBA_BLOCK_SIZE", raising=False)
+    args = (["serve", "--port", "1"] if command == "serve"
+            else ["generate", "Sort: 321", "--max-tokens", "4"])
+    r = invoke(args)
+    assert r.exit_code == 0, r.stderr
+    assert opened == [str(TOY_MODEL)] and len(resolved) == 1
+    if command == "serve":
+        cfg, model = loaded[0]
+        assert cfg.dlm.block_size == 32  # the file's recommendation, resolved in that one pass
+        assert model.path == str(TOY_MODEL)

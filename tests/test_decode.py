@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 import dlmnumba
+from dlmnumba import DecodeSettings, Generator, Sampling
 from dlmnumba.decode import policies
-from dlmnumba.decode import scheduler as sched
-from dlmnumba.decode.scheduler import DecodeSettings, Generator
-from dlmnumba.decode.strategies import step_threshold
+from dlmnumba.decode.mask_token import resolve_mask_id
+from dlmnumba.decode.policies import step_threshold
 from dlmnumba.errors import DecodeError
+from dlmnumba.model.batch import AttentionMask, Output, Segment
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -163,7 +164,9 @@ def test_cache_after_generation_equals_fresh_forward(tiny, attention, mode):
     cache = out.cache
     assert cache.length + len(out.pending) == len(full)
     assert cache.length % b == 0 and full[cache.length:] == out.pending  # only the last block
-    gen.commit(out)
+    # the pending tokens' K/V, written as the next pass would (under the request's own mask)
+    tiny.forward_batch([Segment(out.pending, cache, None,
+                                AttentionMask.parse(attention, b), [], Output.HIDDEN)])
     fresh = tiny.new_cache()
     tiny.forward(full, None, fresh, attention, b if attention == "block" else None, rows=[])
     n = len(full)
@@ -183,15 +186,15 @@ def test_seed_kv_commit_none_keeps_stale_masks(tiny):
 
 @pytest.mark.parametrize("max_tokens", [1, 63, 64, 65, 128])
 def test_max_tokens_exact(tiny, max_tokens, monkeypatch):
-    gen = Generator(tiny, DecodeSettings(mode="greedy", block_size=64, max_tokens=max_tokens))
-    gen.eog = frozenset()  # random weights may emit EOS: test the budget alone
+    gen = Generator(tiny, DecodeSettings(mode="greedy", block_size=64, max_tokens=max_tokens,
+                                         ignore_eos=True))
     out = gen.generate(PROMPT)
     assert len(out.tokens) == max_tokens and out.stats.finish_reason == "length"
 
 
 def test_eos_in_block_truncates_there(tiny):
-    ref = Generator(tiny, DecodeSettings(mode="greedy", block_size=16, max_tokens=40))
-    ref.eog = frozenset()
+    ref = Generator(tiny, DecodeSettings(mode="greedy", block_size=16, max_tokens=40,
+                                         ignore_eos=True))
     toks = ref.generate(PROMPT).tokens
     stop_tok = toks[9]  # pretend the token at offset 9 (mid-block) ends generation
     first = toks.index(stop_tok)
@@ -203,11 +206,11 @@ def test_eos_in_block_truncates_there(tiny):
 
 def test_sampling_is_seeded(tiny):
     a = run(tiny, mode="greedy", block_size=8, max_tokens=16,
-            sampling=sched.Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=3))
+            sampling=Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=3))
     b = run(tiny, mode="greedy", block_size=8, max_tokens=16,
-            sampling=sched.Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=3))
+            sampling=Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=3))
     c = run(tiny, mode="greedy", block_size=8, max_tokens=16,
-            sampling=sched.Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=4))
+            sampling=Sampling(temperature=1.0, top_k=50, top_p=0.9, seed=4))
     g = run(tiny, mode="greedy", block_size=8, max_tokens=16)
     assert a.tokens == b.tokens and a.tokens != c.tokens and a.tokens != g.tokens
 
@@ -215,22 +218,22 @@ def test_sampling_is_seeded(tiny):
 def test_top_k_one_is_greedy(tiny):
     g = run(tiny, mode="greedy", block_size=8, max_tokens=16)
     k1 = run(tiny, mode="greedy", block_size=8, max_tokens=16,
-             sampling=sched.Sampling(temperature=0.7, top_k=1, seed=5))
+             sampling=Sampling(temperature=0.7, top_k=1, seed=5))
     assert g.tokens == k1.tokens
 
 
 def test_mask_detection_and_errors(synth_model, tmp_path):
     from gguf_edit import rewrite
     m = dlmnumba.load_model(synth_model())
-    assert sched.resolve_mask_id(m) == m.spec.mask_id == m.spec.n_vocab - 1
+    assert resolve_mask_id(m) == m.spec.mask_id == m.spec.n_vocab - 1
     # without the metadata key the |<MASK>| token text is found
     path = rewrite(synth_model(), tmp_path / "nomaskkey.gguf",
                    metadata={"tokenizer.ggml.mask_token_id": None})
     m2 = dlmnumba.load_model(path)
-    assert m2.spec.mask_id is None and sched.resolve_mask_id(m2) == m.spec.mask_id
-    assert sched.resolve_mask_id(m2, 5) == 5
+    assert m2.spec.mask_id is None and resolve_mask_id(m2) == m.spec.mask_id
+    assert resolve_mask_id(m2, 5) == 5
     with pytest.raises(DecodeError, match="outside the vocabulary"):
-        sched.resolve_mask_id(m2, 10**6)
+        resolve_mask_id(m2, 10**6)
 
 
 def test_no_mask_token_needs_ar(synth_model, tmp_path):
@@ -253,8 +256,7 @@ def test_ar_matches_llamacpp_greedy(synth_model):
     from llamacpp import LlamaCpp
     path = synth_model(qtype="TQ2_0", arch="bitnet")
     m = dlmnumba.load_model(path)
-    gen = Generator(m, DecodeSettings(mode="ar", max_tokens=48))
-    gen.eog = frozenset()
+    gen = Generator(m, DecodeSettings(ignore_eos=True, mode="ar", max_tokens=48))
     out = gen.generate(PROMPT).tokens
     lc = LlamaCpp(path, n_ctx=128, exact=True)
     logits = lc.decode(PROMPT + out[:-1], 0, logits_rows="all")[len(PROMPT) - 1:]
@@ -275,8 +277,7 @@ def test_seed_replay_matches_llamacpp(synth_model):
     write_synthetic(path, preset="tiny", qtype="TQ2_0", arch="bitnet", n_ff=256)
     m = dlmnumba.load_model(path)
     gen = Generator(m, DecodeSettings(mode="greedy", block_size=16, kv_commit="none",
-                                      attention="causal", max_tokens=49))
-    gen.eog = frozenset()
+                                      attention="causal", max_tokens=49, ignore_eos=True))
     out = gen.generate(PROMPT)
     ours = out.tokens
     lc = LlamaCpp(path, n_ctx=256, exact=True)

@@ -8,7 +8,7 @@ import pytest
 
 import dlmnumba
 from dlmnumba import DecodeSettings, Generator
-from dlmnumba.model.batch import Output
+from dlmnumba.model.batch import AttentionMask, Output, Segment
 
 PROMPT = [1007, 39, 735, 78, 271, 285, 493, 5, 600, 7, 88, 19, 300, 301]  # 14: not aligned
 
@@ -19,11 +19,15 @@ def tiny(synth_model):
 
 
 def _gen(model, **kw):
-    g = Generator(model, DecodeSettings(**{"mode": "iterative", "block_size": 16,
-                                           "small_block_size": 4, "threshold": 1.0,
-                                           "max_iterations_per_block": 100, **kw}))
-    g.eog = frozenset()
-    return g
+    return Generator(model, DecodeSettings(**{"mode": "iterative", "block_size": 16,
+                                              "small_block_size": 4, "threshold": 1.0,
+                                              "max_iterations_per_block": 100,
+                                              "ignore_eos": True, **kw}))
+
+
+def _commit_pending(model, out, mask):
+    """Write the generation's pending tokens' K/V into its cache (one forward pass)."""
+    model.forward_batch([Segment(out.pending, out.cache, None, mask, [], Output.HIDDEN)])
 
 
 def _step(model, req, output=None):
@@ -92,7 +96,7 @@ def test_cache_after_generation_equals_fresh_forward(tiny, attention, mode):
     out = gen.generate(PROMPT)
     full = PROMPT + out.tokens
     assert out.cache.length % 8 == 0 and full[out.cache.length:] == out.pending
-    gen.commit(out)
+    _commit_pending(tiny, out, AttentionMask.parse(attention, 8))
     fresh = tiny.new_cache()
     tiny.forward(full, None, fresh, attention, 8 if attention == "block" else None, rows=[])
     n = len(full)
@@ -111,7 +115,7 @@ def test_max_tokens_exact_and_one_commit_per_pass(tiny, max_tokens):
 def test_stop_token_truncates_there(tiny):
     toks = _gen(tiny, dual_cache=True, max_tokens=30).generate(PROMPT).tokens
     stop = toks[6]
-    gen = _gen(tiny, dual_cache=True, max_tokens=30)
+    gen = _gen(tiny, dual_cache=True, max_tokens=30, ignore_eos=False)
     gen.eog = frozenset({stop})
     out = gen.generate(PROMPT)
     assert out.tokens == toks[:toks.index(stop) + 1] and out.stats.finish_reason == "stop"

@@ -4,7 +4,7 @@ import pytest
 
 import dlmnumba
 from dlmnumba import DecodeSettings, Engine, Generator
-from dlmnumba.prefix_cache import PrefixCache
+from dlmnumba import PrefixCache
 
 
 def _run(engine, gen, prompt, settings=None):
@@ -21,8 +21,7 @@ def _run(engine, gen, prompt, settings=None):
                                      threshold=0.5, max_tokens=24)])
 def test_conversation_turns_same_output_with_and_without_the_cache(synth_model, kw):
     m = dlmnumba.load_model(synth_model())
-    gen = Generator(m, DecodeSettings(**kw))
-    gen.eog = frozenset()
+    gen = Generator(m, DecodeSettings(ignore_eos=True, **kw))
     rng = np.random.default_rng(1)
     on = Engine(m, prefix_cache=PrefixCache(4096))
     off = Engine(m)
@@ -38,8 +37,8 @@ def test_conversation_turns_same_output_with_and_without_the_cache(synth_model, 
 
 def test_attached_kv_equal_a_fresh_forward(synth_model):
     m = dlmnumba.load_model(synth_model())
-    gen = Generator(m, DecodeSettings(mode="greedy", block_size=8, max_tokens=12))
-    gen.eog = frozenset()
+    gen = Generator(m, DecodeSettings(mode="greedy", block_size=8, max_tokens=12,
+                                      ignore_eos=True))
     pc = PrefixCache(1024)
     engine = Engine(m, prefix_cache=pc)
     prompt = list(range(3, 30))
@@ -55,8 +54,7 @@ def test_attached_kv_equal_a_fresh_forward(synth_model):
 
 def test_lru_eviction_keeps_the_budget_and_the_recent(synth_model):
     m = dlmnumba.load_model(synth_model())
-    gen = Generator(m, DecodeSettings(mode="ar", max_tokens=1))
-    gen.eog = frozenset()
+    gen = Generator(m, DecodeSettings(ignore_eos=True, mode="ar", max_tokens=1))
     pc = PrefixCache(64)  # four causal pages
     engine = Engine(m, prefix_cache=pc)
     a, b = list(range(10, 43)), list(range(50, 83))  # 33 tokens: two full pages each
@@ -74,8 +72,7 @@ def test_lru_eviction_keeps_the_budget_and_the_recent(synth_model):
 def test_seed_replay_never_uses_the_cache(synth_model):
     m = dlmnumba.load_model(synth_model())
     gen = Generator(m, DecodeSettings(mode="greedy", block_size=8, kv_commit="none",
-                                      attention="causal", max_tokens=9))
-    gen.eog = frozenset()
+                                      attention="causal", max_tokens=9, ignore_eos=True))
     pc = PrefixCache(1024)
     engine = Engine(m, prefix_cache=pc)
     prompt = list(range(3, 40))

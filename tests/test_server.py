@@ -362,8 +362,8 @@ def test_full_waiting_queue_is_429_with_retry_after(synth_model):
         while httpx.get(srv.url + "/health").status_code != 200:
             assert time.monotonic() - t0 < TIMEOUT
             time.sleep(0.05)
-        state.generator.eog = frozenset()  # random weights: no early stop frees the slot
-        body = {"prompt": "hello", "max_tokens": 1500, "stream": True}
+        # random weights: no early stop frees the slot
+        body = {"prompt": "hello", "max_tokens": 1500, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body,
                           timeout=TIMEOUT) as running:
             lines = running.iter_lines()  # kept: a dropped iterator closes the stream

@@ -134,7 +134,7 @@ def test_check_values_on_a_plain_dict_applies_the_cross_key_rule_per_mode():
 
 
 def test_decode_keys_name_every_decode_setting_and_config_builds_them():
-    from dlmnumba.decode.scheduler import DecodeSettings
+    from dlmnumba import DecodeSettings
     from dlmnumba.decode.strategies import Sampling
 
     fields = {f.name for f in dataclasses.fields(DecodeSettings)} - {"sampling"}

@@ -7,7 +7,7 @@ import pytest
 
 import dlmnumba
 from dlmnumba import evaluate as E
-from dlmnumba.decode.scheduler import DecodeSettings, Generator
+from dlmnumba import DecodeSettings, Generator
 from dlmnumba.model_source import TOY_MODEL
 
 torch = pytest.importorskip("torch")

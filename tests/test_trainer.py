@@ -55,7 +55,7 @@ def test_fast_encoder_equals_the_tokenizer(trainer):
 
 def test_torch_decoder_decodes_as_the_engine(trainer):
     import dlmnumba
-    from dlmnumba.decode.scheduler import DecodeSettings, Generator
+    from dlmnumba import DecodeSettings, Generator
     from dlmnumba.model_source import TOY_MODEL
 
     torch.set_num_threads(1)
@@ -135,7 +135,7 @@ def test_multi_query_lookup_answers_each_key_with_its_pair_from_the_prompt(train
 
     rng = random.Random(7)
     for _ in range(50):
-        ex = trainer._draw(rng, "lookup_multi", 1.0)
+        ex = trainer.draw_example(rng, "lookup_multi", 1.0)
         m = re.fullmatch(r"Given ((?:[a-z]=\d+ ?)+), find ([a-z](?: [a-z])*)", ex.prompt)
         pairs = dict(p.split("=") for p in m.group(1).split())
         keys = m.group(2).split()

@@ -10,6 +10,9 @@ the block start, dropping the K/V that saw masks.  The last block's tokens stay 
 
 Within a block, a policy (decode/policies.py) picks the positions each pass commits; with the
 dual cache, refinement passes run only the current sub-block against the block's other K/V.
+At the iteration cap, the positions whose head the block's first pass deferred get it from a
+head-only pass (`HeadPass` of the hidden states that pass kept), batched by the engine with
+everything else: a request never calls the model itself.
 """
 from __future__ import annotations
 
@@ -18,10 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import DecodeError
+from ..model.batch import AttentionMask, HeadPass
+from .mask_token import require_mask_token
 from .policies import POLICIES, Policy
-from .requests import ATTENTIONS, EXACT_CONFIDENCE, Request
-from .strategies import pick_tokens
+from .requests import EXACT_CONFIDENCE, Request
 
 
 @dataclass
@@ -44,6 +47,7 @@ class _Block:
     in_pass: np.ndarray | None = None  # ... and which of them have their row in the pass
     deferred: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     first_hidden: np.ndarray | None = None  # the first pass's hidden states predicting them
+    fill: np.ndarray | None = None  # at the iteration cap: deferred positions whose head runs
 
 
 class DiffusionRequest(Request):
@@ -51,14 +55,10 @@ class DiffusionRequest(Request):
     (see the module docstring)."""
 
     def __init__(self, model, prompt, settings, mask_id, eog, cache=None):
+        require_mask_token(model, mask_id, settings.mode)
         super().__init__(model, prompt, settings, mask_id, eog, cache)
-        if mask_id is None:
-            raise DecodeError(
-                f"{model.path}: the model declares no mask token, so mode "
-                f"'{settings.mode}' cannot run; pass --mask-token-id ID or use --mode ar")
         self.policy: Policy = POLICIES[settings.mode]
-        self._model = model  # its LM head, for the first pass's deferred rows (_cap_fill)
-        self.mask = ATTENTIONS[settings.attention](settings.block_size)
+        self.mask = AttentionMask.parse(settings.attention, settings.block_size)
         self.tokens = list(self.prompt)  # prompt + every finished block
         self.block: _Block | None = None
 
@@ -77,6 +77,9 @@ class DiffusionRequest(Request):
         if self.block is None:
             self.block = self._new_block()
         b, s = self.block, self.settings
+        if b.fill is not None:  # the iteration cap: the head of the deferred positions' rows
+            return HeadPass(b.first_hidden[b.masked[b.deferred]],
+                            self._output(self._exact_confidence()), self.mask_id)
         sub = self.policy.sub_block(s)
         masked = np.flatnonzero(b.masked)
         cur = (b.pos + masked[0] - b.start) // sub  # the first sub-block with masks
@@ -111,21 +114,13 @@ class DiffusionRequest(Request):
     def _exact_confidence(self) -> bool:
         return self.policy.needs_confidence and EXACT_CONFIDENCE[self.settings.confidence]
 
-    def _cap_fill(self, b: _Block) -> None:
-        """At the iteration cap: the first pass's predictions of the positions it deferred
-        (their head now, from its kept hidden states), where no later pass was more
-        confident; then every remaining mask takes its best prediction.  The same tokens as if
-        the first pass had run the head for every masked position."""
-        sel = b.masked[b.deferred]
-        if sel.any():
-            pos = b.deferred[sel]
-            h = b.first_hidden[sel]
-            if self.settings.sampling.temperature > 0.0:
-                logits = self._model.project(h)
-                logits[:, self.mask_id] = -np.inf
-                tok, conf = pick_tokens(logits, self.settings.sampling, self.rng)
-            else:
-                tok, conf = self._model.head_argmax(h, self.mask_id, self._exact_confidence())
+    def _cap_fill(self, b: _Block, tok: np.ndarray, conf: np.ndarray) -> None:
+        """At the iteration cap: the first pass's predictions (tok, conf) of the deferred
+        positions `b.fill` (their head run by a head pass, from its kept hidden states), where
+        no later pass was more confident; then every remaining mask takes its best prediction.
+        The same tokens as if the first pass had run the head for every masked position."""
+        pos = b.fill
+        if pos is not None and pos.size:
             first = conf >= b.best_conf[pos]  # ties: the earlier pass
             b.best_tok[pos[first]], b.best_conf[pos[first]] = tok[first], conf[first]
         b.tokens[b.masked] = b.best_tok[b.masked]
@@ -135,15 +130,11 @@ class DiffusionRequest(Request):
     def _load_block_kv(self, start: int, lo: int, hi: int) -> None:
         """Cache slots from `start`: the block K/V of every block position outside [lo, hi) (the
         pass appends its own after them)."""
-        c, keep = self.cache, self._outside
+        keep = self._outside
         keep[:] = True
         keep[lo - start:hi - start] = False
-        n = int(keep.sum())
-        c.reserve(n + hi - lo)
-        c.k[:, :, start:start + n] = self._bk[:, :, keep]
-        c.v[:, :, start:start + n] = self._bv[:, :, keep]
-        c.pos[start:start + n] = start + np.flatnonzero(keep)
-        c.length = start + n
+        self.cache.load(start, self._bk[:, :, keep], self._bv[:, :, keep],
+                        start + np.flatnonzero(keep))
 
     def _save_block_kv(self, start: int, pos0: int, m: int) -> None:
         """After a pass of m positions from pos0 (its K/V in the cache's last m slots)."""
@@ -154,16 +145,19 @@ class DiffusionRequest(Request):
             self._bk = np.empty(c.k.shape[:2] + (n,) + c.k.shape[3:], np.float32)
             self._bv = np.empty_like(self._bk)
             self._outside = np.ones(n, bool)
-        c = self.cache
-        first = c.length - m
+        first = self.cache.length - m
         lo = pos0 - start
         if lo < 0:  # a block's first pass also held real tokens before the block
             first, m, lo = first - lo, m + lo, 0
-        self._bk[:, :, lo:lo + m] = c.k[:, :, first:first + m]
-        self._bv[:, :, lo:lo + m] = c.v[:, :, first:first + m]
+        k, v = self.cache.view(first, first + m)
+        self._bk[:, :, lo:lo + m] = k
+        self._bv[:, :, lo:lo + m] = v
 
     def _take(self, tok, conf):
         b, s = self.block, self.settings
+        if b.fill is not None:  # the head pass of the iteration cap
+            self._cap_fill(b, tok, conf)
+            return self._end_block()
         self._save_block_kv(b.start, b.pos0, len(self._last.tokens))
         if len(self._last.keep):
             b.first_hidden = self._last.kept
@@ -191,11 +185,19 @@ class DiffusionRequest(Request):
         if not done and self._stopped(b):
             done = True  # the output ends at a committed stop token: later positions unused
         cap = self.policy.max_passes(s)
-        if not done and cap is not None and b.passes >= cap:
-            self._cap_fill(b)  # cap reached: best earlier predictions
+        if not done and cap is not None and b.passes >= cap:  # best earlier predictions
+            b.fill = b.deferred[b.masked[b.deferred]]
+            if b.fill.size:
+                return []  # their first-pass head is the next pass (a head pass)
+            self._cap_fill(b, tok[:0], conf[:0])
             done = True
         if not done:
             return []
+        return self._end_block()
+
+    def _end_block(self) -> list[int]:
+        """The block is decided: its tokens join the sequence and are emitted."""
+        b = self.block
         new = [int(t) for t in b.tokens]
         self.tokens += new
         self.block = None

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .strategies import select_unmask
+
+def select_unmask(conf: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices (into conf) to commit: every confidence above threshold, at least the best one."""
+    chosen = np.flatnonzero(conf > threshold)
+    if chosen.size == 0 and conf.size:
+        chosen = np.array([int(np.argmax(conf))])
+    return chosen
 
 
 class Policy:
@@ -85,3 +91,10 @@ def register(policy: Policy) -> Policy:
 
 for _p in (Greedy(), Iterative(), Adaptive()):
     register(_p)
+
+
+def step_threshold(mode: str, threshold: float, step: int) -> float:
+    """Confidence threshold of refinement step `step` (0-based) of a sub-block under policy
+    `mode` (iterative keeps `threshold`, adaptive rises to it)."""
+    policy = POLICIES[mode]
+    return policy.threshold_at(threshold, step) if hasattr(policy, "threshold_at") else threshold

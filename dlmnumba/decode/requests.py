@@ -15,26 +15,29 @@ decode/modes.py.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import DecodeError
-from ..model.batch import CAUSAL_MASK, AttentionMask, Output, Segment
+from ..model.batch import CAUSAL_MASK, AttentionMask, Output, Pass, Segment
 from .strategies import pick_tokens
 
+_IDS = itertools.count(1)
 
-@dataclass
+
+@dataclass(frozen=True)
 class RequestStats:
-    """What one request cost."""
+    """What one request cost: a snapshot (`Request.stats` builds a new one each time)."""
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
     forward_passes: int = 0
     ttft_s: float = 0.0  # time to the first committed token (from the request's creation)
-    latency_s: float = 0.0
-    finish_reason: str = "length"  # length | stop | cancelled | error
+    latency_s: float = 0.0  # time to the end (so far, while it runs)
+    finish_reason: str | None = None  # length | stop | cancelled | error; None while running
 
     @property
     def tokens_per_pass(self) -> float:
@@ -42,43 +45,58 @@ class RequestStats:
         return self.generated_tokens / max(1, self.forward_passes)
 
 
+def check_context(n_prompt: int, max_tokens: int, n_ctx: int, field: str = "max_tokens"
+                  ) -> None:
+    """The one context-length rule: the prompt plus max_tokens (given as `field`) fit the
+    model's context (else a DecodeError naming the field, code context_length_exceeded)."""
+    if n_prompt + max_tokens > n_ctx:
+        raise DecodeError(
+            f"the prompt ({n_prompt} tokens) plus {field} ({max_tokens}) is "
+            f"{n_prompt + max_tokens} tokens, beyond the model's context length ({n_ctx})",
+            field, "context_length_exceeded")
+
+
 class Request:
-    """One generation's state; subclasses are the decoding loops as state machines."""
+    """One generation's state; subclasses are the decoding loops as state machines.
+
+    `eog` are the model's end-of-generation tokens (none when settings.ignore_eos)."""
 
     def __init__(self, model, prompt: list[int], settings, mask_id: int | None,
                  eog: frozenset[int], cache=None):
+        self.id = next(_IDS)
         self.t0 = time.perf_counter()
         self.prompt = [int(t) for t in prompt]
         if not self.prompt:
-            raise DecodeError("the prompt is empty (and the model adds no BOS token)")
-        n_vocab = model.spec.n_vocab
-        bad = [t for t in self.prompt if not 0 <= t < n_vocab]
-        if bad:
-            raise DecodeError(f"prompt token id {bad[0]} is outside the vocabulary "
-                              f"(0..{n_vocab - 1})")
+            raise DecodeError("the prompt is empty (and the model adds no BOS token)", "prompt")
+        model.check_tokens(self.prompt, "prompt")
         self.settings = s = settings
-        n_ctx = model.n_ctx
-        if s.block_size > n_ctx:
+        if s.block_size > model.n_ctx:
             raise DecodeError(f"block_size {s.block_size} is larger than the model's context "
-                              f"length ({n_ctx})")
-        if len(self.prompt) + s.max_tokens > n_ctx:
-            raise DecodeError(
-                f"the prompt ({len(self.prompt)} tokens) plus max_tokens ({s.max_tokens}) is "
-                f"{len(self.prompt) + s.max_tokens} tokens, beyond the model's context length "
-                f"({n_ctx})")
-        self.mask_id, self.eog, self.shift = mask_id, eog, model.spec.shift_logits
+                              f"length ({model.n_ctx})", "block_size")
+        check_context(len(self.prompt), s.max_tokens, model.n_ctx)
+        self.mask_id, self.shift = mask_id, model.spec.shift_logits
+        self.eog = frozenset() if s.ignore_eos else frozenset(eog)
         self.cache = cache if cache is not None else model.new_cache(
             len(self.prompt) + s.max_tokens + 2 * s.block_size + 1)
         self.rng = np.random.default_rng(s.sampling.seed)
         self.out: list[int] = []  # tokens committed so far
-        self.stats = RequestStats(prompt_tokens=len(self.prompt))
         self.finished = False
         self.started = False  # a pass was planned: the cache is the request's own from here
-        self.error: Exception | None = None
-        self._pass: Segment | None = None  # the pass handed out and not fed yet
+        self.error: BaseException | None = None
+        self._pass: Pass | None = None  # the pass handed out and not fed yet
+        self._passes = 0  # forward passes fed (head-only passes not counted)
+        self._ttft = self._latency = 0.0
+        self._finish_reason: str | None = None
+
+    @property
+    def stats(self) -> RequestStats:
+        """A snapshot of what the request has cost so far (final once it finished)."""
+        latency = self._latency if self.finished else time.perf_counter() - self.t0
+        return RequestStats(len(self.prompt), len(self.out), self._passes, self._ttft, latency,
+                            self._finish_reason)
 
     # -- the protocol ------------------------------------------------------------------------
-    def next_pass(self) -> Segment | None:
+    def next_pass(self) -> Pass | None:
         """The pass this request needs now (the same one until it is fed), or None when done."""
         if self.finished:
             return None
@@ -94,7 +112,8 @@ class Request:
         if seg is None:
             raise RuntimeError("feed() without a pass from next_pass()")
         self._last = seg  # the pass being fed
-        self.stats.forward_passes += 1
+        if len(seg.tokens):  # a pass through the layers (a head-only pass is not one)
+            self._passes += 1
         if seg.output is Output.LOGITS:
             logits = result
             if self.mask_id is not None:  # committing a mask token would be meaningless
@@ -109,10 +128,11 @@ class Request:
         if not self.finished:
             self._finish(reason)
 
-    def fail(self, error: Exception) -> None:
+    def fail(self, error: BaseException) -> None:
         """Stop with an error (the engine reports it to whoever waits on the request)."""
-        self.error = error
-        self.cancel("error")
+        if not self.finished:
+            self.error = error
+            self._finish("error")
 
     def pending(self) -> list[int]:
         """Trailing tokens of prompt + output whose K/V are not in the cache."""
@@ -124,7 +144,7 @@ class Request:
     mask: AttentionMask
 
     # -- for the subclasses --------------------------------------------------------------------
-    def _plan(self) -> Segment:
+    def _plan(self) -> Pass:
         raise NotImplementedError
 
     def _take(self, tok: np.ndarray, conf: np.ndarray) -> list[int]:
@@ -147,7 +167,7 @@ class Request:
         if stop is not None:
             new = new[: stop + 1]
         if new and not self.out:
-            self.stats.ttft_s = time.perf_counter() - self.t0
+            self._ttft = time.perf_counter() - self.t0
         self.out += new
         if stop is not None:
             self._finish("stop")
@@ -158,9 +178,8 @@ class Request:
     def _finish(self, reason: str) -> None:
         self.finished = True
         self._pass = None
-        self.stats.finish_reason = reason
-        self.stats.generated_tokens = len(self.out)
-        self.stats.latency_s = time.perf_counter() - self.t0
+        self._finish_reason = reason
+        self._latency = time.perf_counter() - self.t0
 
 
 class ARRequest(Request):
@@ -195,7 +214,7 @@ class SeedReplayRequest(Request):
 
     def __init__(self, model, prompt, settings, mask_id, eog, cache=None):
         super().__init__(model, prompt, settings, mask_id, eog, cache)
-        self.mask = ATTENTIONS[settings.attention](settings.block_size)
+        self.mask = AttentionMask.parse(settings.attention, settings.block_size)
         self._prev: int | None = None
         self._p = len(self.prompt)
 
@@ -220,7 +239,5 @@ class SeedReplayRequest(Request):
     reusable_kv = False  # stale mask K/V and an overwritten prompt slot
 
 
-# attention setting -> the mask of a block size
-ATTENTIONS = {"block": AttentionMask.block, "causal": lambda block_size: CAUSAL_MASK}
 # confidence setting -> whether the LM head computes the confidence exactly (model/heads.py)
 EXACT_CONFIDENCE = {"exact": True, "screened": False}

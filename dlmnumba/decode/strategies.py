@@ -1,6 +1,7 @@
-"""Decoding policy: how tokens are picked from logits and which masked positions get committed.
+"""Token choice: how tokens (and their confidences) are picked from logits.
 
-No model knowledge here: functions over logits and confidences, chosen by name.
+No model knowledge here: functions over logits.  Which masked positions a pass commits is the
+policies' business (decode/policies.py).
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels.ops import argmax_confidence
-
 
 
 @dataclass(frozen=True)
@@ -48,19 +48,3 @@ def pick_tokens(logits: np.ndarray, sampling: Sampling,
         t = int(rng.choice(p.shape[0], p=p))
         tokens[r], conf[r] = t, p[t]
     return tokens, conf
-
-
-def step_threshold(mode: str, threshold: float, step: int) -> float:
-    """Confidence threshold of refinement step `step` (0-based) of a sub-block under policy
-    `mode` (see decode/policies.py: iterative keeps `threshold`, adaptive rises to it)."""
-    from .policies import POLICIES
-    policy = POLICIES[mode]
-    return policy.threshold_at(threshold, step) if hasattr(policy, "threshold_at") else threshold
-
-
-def select_unmask(conf: np.ndarray, threshold: float) -> np.ndarray:
-    """Indices (into conf) to commit: every confidence above threshold, at least the best one."""
-    chosen = np.flatnonzero(conf > threshold)
-    if chosen.size == 0 and conf.size:
-        chosen = np.array([int(np.argmax(conf))])
-    return chosen

@@ -64,8 +64,8 @@ class TensorInfo:
 class _Cursor:
     """Sequential little-endian reads from a buffer; running past its end raises ModelFormatError."""
 
-    def __init__(self, buf: mmap.mmap, path: str) -> None:
-        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+    def __init__(self, buf: mmap.mmap, path: str, pos: int = 0) -> None:
+        self.buf, self.path, self.pos, self.size = buf, path, pos, len(buf)
         self.where = "header"  # what is being parsed, for error messages
 
     def need(self, n: int) -> None:
@@ -196,12 +196,11 @@ class GGUFFile:
 
     def _parse(self) -> None:
         """Read header, metadata and tensor infos; size and bounds-check every tensor."""
-        cur = _Cursor(self._mmap, self.path)
         magic = bytes(self._mmap[:4])
         if magic != GGUF_MAGIC:
             raise ModelFormatError(f"{self.path}: not a GGUF file: starts with {magic!r}, "
                                    f"expected {GGUF_MAGIC!r}")
-        cur.pos = 4
+        cur = _Cursor(self._mmap, self.path, pos=len(GGUF_MAGIC))
         self.version = cur.u32()
         if self.version not in SUPPORTED_VERSIONS:
             hint = " (a big-endian GGUF?)" if self.version & 0xFFFF == 0 else ""

@@ -1,9 +1,11 @@
 """What one forward pass over many sequences is made of: attention masks, segments, outputs.
 
 A `Segment` is one sequence's share of a batched pass (its tokens, their absolute positions,
-its own KV cache, its attention mask, the rows whose output it wants, and which output);
-`Model.forward_batch` runs every segment's rows through each layer together and returns one
-result per segment, bit-identical to running that segment alone.
+its own KV cache, its attention mask, the rows whose output it wants, and which output); a
+`HeadPass` is a share that only needs the LM head over final hidden states it already has (the
+hidden states a diffusion block's first pass kept).  `Model.forward_batch` runs every segment's
+rows through each layer together, the LM head once over every wanted row, and returns one
+result per share, bit-identical to running that share alone.
 """
 from __future__ import annotations
 
@@ -96,6 +98,24 @@ class Segment:
     def keep_indices(self, m: int) -> np.ndarray:
         """The kept rows as indices into this segment's m tokens."""
         return _indices(self.keep, m, "keep")
+
+
+@dataclass
+class HeadPass:
+    """A pass through the LM head alone: the output of final-normed hidden states
+    [R, n_embd] (no tokens, no cache, not a forward pass through the layers)."""
+
+    hidden: np.ndarray
+    output: Output = Output.ARGMAX_EXACT
+    exclude: int | None = None  # token never picked by ARGMAX outputs (the mask token)
+    tokens = ()  # no rows through the layers
+
+    def __post_init__(self):
+        if self.output is Output.HIDDEN:
+            raise ValueError("a HeadPass computes the LM head: output HIDDEN makes no sense")
+
+
+Pass = Segment | HeadPass  # what a request asks the model for in one engine step
 
 
 def _indices(rows, m: int, what: str) -> np.ndarray:

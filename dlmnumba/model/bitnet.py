@@ -17,7 +17,7 @@ import numba
 import numpy as np
 from numba.typed import List
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, TokenRangeError
 from ..gguf.reader import GGUFFile
 from ..gguf.spec import ModelSpec
 from ..kernels import attention as attn_k
@@ -25,7 +25,7 @@ from ..kernels import ops
 from ..kernels.cpu import set_threads
 from ..kernels.dispatch import select_path
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
-from .batch import AttentionMask, Output, Segment
+from .batch import AttentionMask, HeadPass, Output, Pass, Segment
 from .heads import HEAD_KINDS, LMHead, make_head
 from .kv_cache import KVCache
 from .weights import Weights, load_weights
@@ -37,15 +37,16 @@ class Model:
 
     Thread-safe: passes from several threads run one at a time (each is parallel inside)."""
 
-    def __init__(self, path: str, threads: int | None = None, progress: bool = False,
-                 kernel: str | None = None, lm_head: str = "exact"):
+    def __init__(self, source: "str | GGUFFile", threads: int | None = None,
+                 progress: bool = False, kernel: str | None = None, lm_head: str = "exact"):
         t0 = time.perf_counter()
         self.kernel = select_path(kernel)  # int8 matmul instruction path (kernels/dispatch.py)
         if lm_head not in HEAD_KINDS:
             raise ValueError(f"lm_head must be one of {', '.join(HEAD_KINDS)}, got {lm_head!r}")
         self.lm_head = lm_head
-        self.path = str(path)
-        self.file = GGUFFile(self.path)
+        # an opened file is taken as it is (a caller that read its metadata opens it once)
+        self.file = source if isinstance(source, GGUFFile) else GGUFFile(str(source))
+        self.path = self.file.path
         self.spec = ModelSpec.from_metadata(self.file.metadata, self.path)
         self._tokenizer = None
         self.threads = set_threads(threads)
@@ -72,6 +73,23 @@ class Model:
                                        "('tokenizer.ggml.tokens' is missing)")
             self._tokenizer = Tokenizer.from_metadata(self.file.metadata, self.path)
         return self._tokenizer
+
+    @property
+    def n_vocab(self) -> int:
+        """Tokens the model can read and emit (rows of its embedding)."""
+        return self.weights.token_embd.n_rows
+
+    def check_tokens(self, tokens, field: str | None = None) -> np.ndarray:
+        """tokens as int64 ids, if every one is in the vocabulary; else a TokenRangeError
+        naming `field` (the one check of token ids: prompts, detokenize, mask_token_id)."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = self.n_vocab
+        bad = ids[(ids < 0) | (ids >= n)]
+        if bad.size:
+            what = f"{field} token id" if field else "token id"
+            raise TokenRangeError(f"{what} {int(bad[0])} is outside the vocabulary "
+                                  f"(0..{n - 1})", field)
+        return ids
 
     @property
     def n_ctx(self) -> int:
@@ -125,29 +143,40 @@ class Model:
             return self.head.logits(np.ascontiguousarray(h, dtype=np.float32))
 
     # -- the batched pass ---------------------------------------------------------------------
-    def forward_batch(self, segments: Sequence[Segment]) -> list:
-        """One forward pass over every segment (see the module docstring); per segment, in
-        order: its HIDDEN states, LOGITS, or (tokens, confidences) for the ARGMAX outputs."""
-        if not segments:
+    def forward_batch(self, passes: Sequence[Pass]) -> list:
+        """One forward pass over every share (see the module docstring); per share, in order:
+        its HIDDEN states, LOGITS, or (tokens, confidences) for the ARGMAX outputs.  Segments go
+        through the layers together; HeadPasses join them at the LM head.  If the pass fails,
+        every segment's cache is as it was before it."""
+        if not passes:
             return []
-        plan = [self._prepare(seg) for seg in segments]
+        segs = [p for p in passes if isinstance(p, Segment)]
+        plan = [self._prepare(seg) for seg in segs]
         with self._lock:
-            h = self._layers(segments, plan)
-            return self._outputs(segments, plan, h)
+            firsts = [seg.cache.length for seg in segs]
+            try:
+                hs = self._layers(segs, plan) if segs else []
+            except BaseException:
+                for seg, first in zip(segs, firsts):
+                    seg.cache.truncate(min(first, seg.cache.length))
+                raise
+            layer_h = dict(zip(map(id, segs), hs))
+            return self._outputs(passes, [layer_h.get(id(p)) for p in passes])
 
     def head_argmax(self, h: np.ndarray, exclude: int | None = None,
                     exact_confidence: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """The ARGMAX outputs of final-normed hidden states h[M, n_embd] (e.g. a Segment's
         `kept` rows), computed as forward_batch computes them."""
-        with self._lock:
-            return self.head.argmax(np.ascontiguousarray(h, dtype=np.float32), exclude,
-                                    exact_confidence)
+        out = Output.ARGMAX_EXACT if exact_confidence else Output.ARGMAX
+        return self.forward_batch([HeadPass(h, out, exclude)])[0]
 
     def _prepare(self, seg: Segment) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Validated (ids, positions, rows: the wanted rows, then the kept ones) of one
         segment."""
-        ids = self._check_tokens(seg.tokens)
+        ids = self.check_tokens(seg.tokens)
         m = len(ids)
+        if m == 0:
+            raise ValueError("no tokens to evaluate")
         c = seg.cache
         pos = (np.arange(c.length, c.length + m, dtype=np.int32) if seg.positions is None
                else np.asarray(seg.positions, dtype=np.int32))
@@ -157,22 +186,17 @@ class Model:
             raise TypeError(f"Segment.mask must be an AttentionMask, got {seg.mask!r}")
         return ids, pos, np.concatenate([seg.row_indices(m), seg.keep_indices(m)])
 
-    def _layers(self, segments: Sequence[Segment], plan) -> np.ndarray:
-        """Run all segments' rows through every layer; return the final-normed hidden states of
-        the wanted rows, segment after segment."""
+    def _layers(self, segments: Sequence[Segment], plan) -> list[np.ndarray]:
+        """Run all segments' rows through every layer; per segment, the final-normed hidden
+        states of its wanted rows, then of its kept rows."""
         s, w = self.spec, self.weights
         numba.set_num_threads(self.threads)
         ids = np.concatenate([p[0] for p in plan])
         pos = np.concatenate([p[1] for p in plan])
         m = len(ids)
         bounds = np.cumsum([0] + [len(p[0]) for p in plan])
-        # each segment's slots in its cache: [first, first + its rows)
-        firsts = []
-        for seg, (sid, spos, _) in zip(segments, plan):
-            seg.cache.reserve(len(sid))
-            first = seg.cache.length
-            seg.cache.pos[first:first + len(sid)] = spos
-            firsts.append(first)
+        # each segment's new slots in its cache: [first, first + its rows)
+        firsts = [seg.cache.append(spos) for seg, (_, spos, _) in zip(segments, plan)]
         cos, sin = ops.rope_tables(pos, s.n_rot, s.rope_base)
         scale = np.float32(1.0 / np.sqrt(s.head_dim))
         e, ekv, hd = s.n_embd, s.n_embd_kv, s.head_dim
@@ -201,7 +225,7 @@ class Model:
                 ks.append(seg.cache.k)
                 vs.append(seg.cache.v)
                 kps.append(seg.cache.pos)
-            many = (ks, vs, kps, np.asarray(firsts, np.int64) + np.diff(bounds),
+            many = (ks, vs, kps, np.asarray([seg.cache.length for seg in segments], np.int64),
                     np.asarray(bounds, np.int64), pos,
                     np.array([seg.mask.block_size for seg in segments], np.int64))
 
@@ -210,11 +234,9 @@ class Model:
             # segments: one kernel call over all of them)
             for i, seg in enumerate(segments):
                 a, b, c = bounds[i], bounds[i + 1], seg.cache
-                first, n_keys = firsts[i], firsts[i] + b - a
-                c.k[li, :, first:n_keys] = k[a:b].transpose(1, 0, 2)
-                c.v[li, :, first:n_keys] = v[a:b].transpose(1, 0, 2)
+                c.write(li, firsts[i], k[a:b], v[a:b])
                 if many is None:
-                    attn_k.attention(att, q, c.k[li], c.v[li], c.pos, n_keys, pos,
+                    attn_k.attention(att, q, c.k[li], c.v[li], c.pos, c.length, pos,
                                      seg.mask.block_size, scale)
             if many is not None:
                 attn_k.attention_many(att, q, *many, scale, li)
@@ -246,8 +268,6 @@ class Model:
             linear(proj, q_f, L.down)
             res = proj
         ops.add_inplace(x, res)
-        for i, seg in enumerate(segments):
-            seg.cache.length = firsts[i] + bounds[i + 1] - bounds[i]
 
         sel = np.concatenate([bounds[i] + p[2] for i, p in enumerate(plan)])
         h = np.ascontiguousarray(x[sel])
@@ -255,7 +275,7 @@ class Model:
         ops.rmsnorm(out, h, w.output_norm, s.rms_eps)
         if not np.isfinite(out).all():
             self._overflow("the final hidden states (output_norm)")
-        return out
+        return np.split(out, np.cumsum([len(p[2]) for p in plan])[:-1])
 
     def _check_scales(self, xs: np.ndarray, layer: int, norm: str) -> None:
         # a BitLinear input with inf/NaN has no int8 scale (127 / max|x| is 0 or NaN): it would
@@ -269,30 +289,34 @@ class Model:
         raise ModelFormatError(f"{self.path}: {where} is not finite (inf/NaN) on this input: "
                                "the model's weights overflow float32")
 
-    def _outputs(self, segments: Sequence[Segment], plan, h: np.ndarray) -> list:
-        """Each segment's output from the hidden states of its wanted rows; the LM head runs
-        once per kind of output (and excluded token) over the rows of every segment asking."""
-        starts = np.cumsum([0] + [len(p[2]) for p in plan])
-        counts = [len(p[2]) - len(seg.keep) for seg, p in zip(segments, plan)]
-        results: list = [None] * len(segments)
+    def _outputs(self, passes: Sequence[Pass], layer_h: list) -> list:
+        """Each share's output from the hidden states of its wanted rows (a segment's from the
+        layers, a head pass's its own); the LM head runs once per kind of output (and
+        excluded token) over the rows of every share asking."""
+        results: list = [None] * len(passes)
+        hidden: list = [None] * len(passes)
         groups: dict[tuple, list[int]] = {}
-        for i, seg in enumerate(segments):
-            seg.kept = h[starts[i] + counts[i]:starts[i + 1]].copy() if len(seg.keep) else None
-            if seg.output is Output.HIDDEN:
-                results[i] = h[starts[i]:starts[i] + counts[i]]
+        for i, p in enumerate(passes):
+            if isinstance(p, HeadPass):
+                hidden[i] = np.ascontiguousarray(p.hidden, dtype=np.float32)
             else:
-                key = (seg.output, seg.exclude if seg.output is not Output.LOGITS else None)
+                n = len(layer_h[i]) - len(p.keep)
+                hidden[i] = layer_h[i][:n]
+                p.kept = layer_h[i][n:].copy() if len(p.keep) else None
+            if p.output is Output.HIDDEN:
+                results[i] = hidden[i]
+            else:
+                key = (p.output, p.exclude if p.output is not Output.LOGITS else None)
                 groups.setdefault(key, []).append(i)
         for (kind, exclude), members in groups.items():
-            rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in members])
-            hg = np.ascontiguousarray(h[rows])
+            hg = np.ascontiguousarray(np.concatenate([hidden[i] for i in members]))
             if kind is Output.LOGITS:
                 res = self.head.logits(hg)
             else:
                 res = self.head.argmax(hg, exclude, kind is Output.ARGMAX_EXACT)
             at = 0
             for i in members:
-                n = counts[i]
+                n = len(hidden[i])
                 results[i] = (res[at:at + n] if kind is Output.LOGITS
                               else (res[0][at:at + n], res[1][at:at + n]))
                 at += n
@@ -304,20 +328,11 @@ class Model:
         cache = self.new_cache(max(1, len(token_ids)))
         return self.forward(token_ids, None, cache, attention, block_size)
 
-    def _check_tokens(self, tokens) -> np.ndarray:
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise ValueError("no tokens to evaluate")
-        n = self.weights.token_embd.n_rows
-        bad = ids[(ids < 0) | (ids >= n)]
-        if bad.size:
-            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary (0..{n - 1})")
-        return ids
 
-
-def load_model(path: str, threads: int | None = None, progress: bool = False,
+def load_model(path: "str | GGUFFile", threads: int | None = None, progress: bool = False,
                kernel: str | None = None, lm_head: str = "exact") -> Model:
-    """Load a BitNet GGUF model (TQ1_0, TQ2_0 or I2_S ternary weights).
+    """Load a BitNet GGUF model (TQ1_0, TQ2_0 or I2_S ternary weights) from a path or an
+    opened GGUFFile.
 
     kernel forces an int8 instruction path (vnni512, vnni256, avx2, portable); default: the
     fastest this CPU supports, or $DLMNUMBA_KERNEL.  lm_head 'exact' keeps the stored

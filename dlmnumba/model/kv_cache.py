@@ -1,4 +1,11 @@
-"""Per-sequence key/value cache: preallocated, grown by doubling, truncatable."""
+"""Per-sequence key/value cache: preallocated, grown by doubling, truncatable.
+
+The cache owns its writes: `append` (new slots of a forward pass), `write` (their K/V, layer by
+layer), `load` (K/V computed elsewhere: the prefix cache's pages, the dual cache's block) and
+`truncate` are the only code that changes `k`, `v`, `pos` or `length`
+(tests/test_layers.py checks it).  Everyone else reads, through `view` or the arrays themselves
+(the attention kernels take them as they are).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +14,14 @@ from ..gguf.spec import ModelSpec
 
 
 class KVCache:
-    """K/V of every layer for one sequence; slot i holds the token at absolute position pos[i]."""
+    """K/V of every layer for one sequence; slot i holds the token at absolute position pos[i].
+
+    k, v: float32 [n_layer, n_head_kv, capacity, head_dim]; pos: int32 [capacity]."""
 
     def __init__(self, spec: ModelSpec, capacity: int = 256):
         self.spec = spec
-        self.length = 0  # slots in use
+        self._length = 0  # slots in use
+        self.k = self.v = self.pos = None
         self._alloc(max(1, capacity))
 
     def _alloc(self, capacity: int) -> None:
@@ -19,36 +29,86 @@ class KVCache:
         shape = (s.n_layer, s.n_head_kv, capacity, s.head_dim)
         k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         pos = np.zeros(capacity, np.int32)
-        if getattr(self, "k", None) is not None and self.length:
-            n = self.length
+        if self.k is not None and self._length:
+            n = self._length
             k[:, :, :n], v[:, :, :n], pos[:n] = self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
         self.k, self.v, self.pos = k, v, pos
+
+    @property
+    def length(self) -> int:
+        """Slots in use."""
+        return self._length
 
     @property
     def capacity(self) -> int:
         """Slots allocated."""
         return self.pos.shape[0]
 
+    @property
+    def positions(self) -> np.ndarray:
+        """Absolute positions of the slots in use."""
+        return self.pos[: self._length]
+
     def reserve(self, n_new: int) -> None:
         """Make room for n_new more slots (amortized doubling)."""
-        need = self.length + n_new
+        need = self._length + n_new
         if need > self.capacity:
             cap = self.capacity
             while cap < need:
                 cap *= 2
             self._alloc(cap)
 
+    # -- writes ------------------------------------------------------------------------------
+    def append(self, positions: np.ndarray) -> int:
+        """Open len(positions) slots after the ones in use, at these absolute positions; return
+        the first.  Their K/V are written by `write`, layer by layer, before anything reads
+        them (a forward pass does both)."""
+        n = len(positions)
+        self.reserve(n)
+        first = self._length
+        self.pos[first:first + n] = positions
+        self._length = first + n
+        return first
+
+    def write(self, layer: int, first: int, k: np.ndarray, v: np.ndarray) -> None:
+        """K/V [m, n_head_kv, head_dim] of one layer into slots first..first+m (in use)."""
+        m = k.shape[0]
+        if not 0 <= first <= first + m <= self._length:
+            raise ValueError(f"slots {first}..{first + m} are not in use (length "
+                             f"{self._length})")
+        self.k[layer, :, first:first + m] = k.transpose(1, 0, 2)
+        self.v[layer, :, first:first + m] = v.transpose(1, 0, 2)
+
+    def load(self, start: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
+        """Slots start.. hold K/V [n_layer, n_head_kv, n, head_dim] at these positions, and
+        nothing after them (start <= length)."""
+        n = len(positions)
+        if not 0 <= start <= self._length:
+            raise ValueError(f"cannot load at slot {start} of a cache of {self._length}")
+        if k.shape[2] != n or v.shape[2] != n:
+            raise ValueError(f"K/V of {k.shape[2]}/{v.shape[2]} slots for {n} positions")
+        self._length = start
+        self.reserve(n)
+        self.k[:, :, start:start + n] = k
+        self.v[:, :, start:start + n] = v
+        self.pos[start:start + n] = positions
+        self._length = start + n
+
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} slots to {length}")
-        self.length = length
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate a cache of {self._length} slots to {length}")
+        self._length = length
 
     def clear(self) -> None:
         """Forget everything."""
-        self.length = 0
+        self._length = 0
 
-    @property
-    def positions(self) -> np.ndarray:
-        """Absolute positions of the slots in use."""
-        return self.pos[: self.length]
+    # -- reads -------------------------------------------------------------------------------
+    def view(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """K/V [n_layer, n_head_kv, stop - start, head_dim] of slots start..stop (views: copy
+        them to keep them past the next write)."""
+        stop = self._length if stop is None else stop
+        if not 0 <= start <= stop <= self._length:
+            raise ValueError(f"slots {start}..{stop} are not in use (length {self._length})")
+        return self.k[:, :, start:stop], self.v[:, :, start:stop]

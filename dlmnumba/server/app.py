@@ -19,10 +19,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..chat import render_chat
-from ..decode.scheduler import DecodeSettings, Generator
+from ..decode.requests import check_context
 from ..decode.strategies import Sampling
-from ..engine import QueueFull
-from ..errors import ConfigError, DlmError
+from ..errors import ConfigError, DecodeError, DlmError
+from ..runtime.decode_settings import DecodeSettings
+from ..runtime.engine import QueueFull, RequestOutput
+from ..runtime.generator import Generator
+from ..runtime.prefix_cache import PrefixCache
 from ..settings import DECODE_KEYS, check
 from . import protocol as P
 from .service import EngineService, Metrics, ShuttingDown
@@ -63,12 +66,13 @@ class ServerState:
             msg = (f"the model failed to load: {self.load_error}" if self.load_error
                    else "the model is loading")
             raise P.ApiError(503, msg, type_="service_unavailable", code="not_ready")
+        if not self.service.alive:
+            raise P.ApiError(503, self.service.failure or "the server is shutting down",
+                             type_="service_unavailable", code="engine_stopped")
         return self.generator, self.service
 
     def attach(self, model) -> None:
         """Start serving a loaded model."""
-        from ..prefix_cache import PrefixCache
-
         o = self.options
         self.generator = Generator(model, self.settings)
         pc = PrefixCache(o.prefix_cache_tokens) if o.prefix_cache_tokens > 0 else None
@@ -105,8 +109,12 @@ def create_app(state: ServerState, load: Callable[[], Any] | None = None) -> Fas
 
     @app.get("/health")
     async def health():
-        if state.service is not None:
-            return {"status": "ok"}
+        svc = state.service
+        if svc is not None:
+            if svc.alive:
+                return {"status": "ok"}
+            return JSONResponse({"status": "error",
+                                 "message": svc.failure or "the server is shutting down"}, 503)
         if state.load_error:
             return JSONResponse({"status": "error", "message": state.load_error}, 503)
         return JSONResponse({"status": "loading"}, 503)
@@ -130,11 +138,10 @@ def create_app(state: ServerState, load: Callable[[], Any] | None = None) -> Fas
     @app.post("/detokenize")
     async def detokenize(body: P.DetokenizeRequest):
         gen, _ = state.ready()
-        n = gen.model.spec.n_vocab
-        bad = [t for t in body.tokens if not 0 <= t < n]
-        if bad:
-            raise P.ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{n - 1})",
-                             "tokens")
+        try:
+            gen.model.check_tokens(body.tokens, "tokens")
+        except DecodeError as e:
+            raise P.ApiError(400, str(e), e.field) from None
         return {"content": gen.model.tokenizer.decode(body.tokens)}
 
     @app.post("/v1/chat/completions")
@@ -158,12 +165,7 @@ def create_app(state: ServerState, load: Callable[[], Any] | None = None) -> Fas
             text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
             ids = _encode(gen, text)
         else:
-            ids = list(body.prompt)
-            n = gen.model.spec.n_vocab
-            bad = [t for t in ids if not 0 <= t < n]
-            if bad:
-                raise P.ApiError(400, f"prompt token id {bad[0]} is outside the vocabulary "
-                                      f"(0..{n - 1})", "prompt")
+            ids = list(body.prompt)  # checked with the request (Request: model.check_tokens)
         if not ids:
             raise P.ApiError(400, "the prompt is empty", "prompt")
         return await _complete(state, body, ids, http, chat=False)
@@ -194,10 +196,10 @@ def _settings_for(state: ServerState, gen: Generator, body: P.CommonRequest,
         budget = max(1, min(state.options.default_max_tokens, n_ctx - n_prompt))
     elif budget < 1:
         raise P.ApiError(400, f"'{budget_field}' must be >= 1, got {budget}", budget_field)
-    if n_prompt + budget > n_ctx:
-        raise P.ApiError(400, f"the prompt ({n_prompt} tokens) plus '{budget_field}' ({budget})"
-                              f" is {n_prompt + budget} tokens, beyond the model's context "
-                              f"length ({n_ctx})", budget_field, code="context_length_exceeded")
+    try:
+        check_context(n_prompt, budget, n_ctx, budget_field)
+    except DecodeError as e:
+        raise P.ApiError(400, str(e), e.field, code=e.code) from None
     base = state.settings
     given = {f: getattr(body, f) for f in (*P.DECODE_FIELDS, *P.OPENAI_FIELDS)
              if f != "max_tokens" and getattr(body, f) is not None}
@@ -223,6 +225,8 @@ async def _complete(state: ServerState, body: P.CommonRequest, ids: list[int], h
     stops = body.stops()
     try:
         request = gen.request(ids, settings)
+    except DecodeError as e:
+        raise P.ApiError(400, str(e), e.field, code=e.code) from None
     except DlmError as e:
         raise P.ApiError(400, str(e)) from None
     try:
@@ -244,56 +248,66 @@ async def _complete(state: ServerState, body: P.CommonRequest, ids: list[int], h
 
 
 async def _tokens(state: ServerState, handle, stopper: StopMatcher, poll=None
-                  ) -> AsyncIterator[tuple[str, Any]]:
-    """The request's text as it is decided: ("text", str) items, then ("end", finish_reason)
-    or ("error", message).  A stop string cancels the request and ends the text there."""
+                  ) -> AsyncIterator[tuple]:
+    """The request's text as it is decided: ("text", str) items, then ("end", finish_reason,
+    usage) or ("error", message).  A stop string cancels the request and ends the text there;
+    the usage then counts the tokens through the one that completed it.  Everything comes from
+    the engine's frozen outputs, never from the live request."""
     dec = state.generator.model.tokenizer.stream_decoder()
+    n_tokens = 0  # tokens whose text was taken, in order
     while True:
         try:
-            kind, payload = await asyncio.wait_for(handle.queue.get(), DISCONNECT_POLL_S)
+            event = await asyncio.wait_for(handle.queue.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
             if poll is not None and await poll():
                 state.service.cancel(handle)
                 yield "error", "client disconnected"
                 return
             continue
-        if kind == "tokens":
-            text, hit = stopper.push("".join(dec.push(t) for t in payload))
-            if text:
-                yield "text", text
+        if not isinstance(event, RequestOutput):  # ("error", message) from the service
+            yield "error", event[1]
+            return
+        text, hit = "", False
+        for t in event.new_tokens:
+            n_tokens += 1
+            piece, hit = stopper.push(dec.push(t))
+            text += piece
             if hit:
-                state.service.cancel(handle)
-                yield "end", "stop"
+                break
+        if text:
+            yield "text", text
+        if hit:
+            state.service.cancel(handle)
+            yield "end", "stop", _usage(event, n_tokens)
+            return
+        if event.finished:
+            if event.error is not None:
+                yield "error", event.error_message
                 return
-        elif kind == "done":
             text = stopper.flush(dec.flush())
             if text:
                 yield "text", text
-            yield "end", "stop" if stopper.stopped else handle.request.stats.finish_reason
-            return
-        else:
-            yield "error", payload
+            yield ("end", "stop" if stopper.stopped else event.stats.finish_reason,
+                   _usage(event, len(event.tokens)))
             return
 
 
-def _usage(handle) -> dict[str, Any]:
-    st = handle.request.stats
-    return P.usage(st.prompt_tokens, len(handle.request.out), st.forward_passes, st.ttft_s)
+def _usage(out: RequestOutput, completion_tokens: int) -> dict[str, Any]:
+    st = out.stats
+    return P.usage(st.prompt_tokens, completion_tokens, st.forward_passes, st.ttft_s)
 
 
 async def _collect(state, handle, stopper, rid, name, chat, http: HttpRequest):
     parts: list[str] = []
-    finish = "length"
-    async for kind, payload in _tokens(state, handle, stopper, http.is_disconnected):
+    async for kind, *payload in _tokens(state, handle, stopper, http.is_disconnected):
         if kind == "text":
-            parts.append(payload)
+            parts.append(payload[0])
         elif kind == "end":
-            finish = payload
+            finish, use = payload
         else:
-            status = 503 if "shutting down" in payload else 500
-            raise P.ApiError(status, payload, type_="server_error")
+            status = 503 if not state.service.alive or "shutting down" in payload[0] else 500
+            raise P.ApiError(status, payload[0], type_="server_error")
     text = "".join(parts)
-    use = _usage(handle)
     return (P.chat_response if chat else P.completion_response)(rid, name, text, finish, use)
 
 
@@ -305,18 +319,19 @@ async def _stream(state, handle, stopper, rid, name, chat, include_usage):
     try:
         if chat:
             yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None))
-        async for kind, payload in _tokens(state, handle, stopper):
+        async for kind, *payload in _tokens(state, handle, stopper):
             if kind == "text":
-                yield sse(P.chat_chunk(rid, name, {"content": payload}, None) if chat
-                          else P.completion_chunk(rid, name, payload, None))
+                yield sse(P.chat_chunk(rid, name, {"content": payload[0]}, None) if chat
+                          else P.completion_chunk(rid, name, payload[0], None))
             elif kind == "end":
-                yield sse(P.chat_chunk(rid, name, {}, payload) if chat
-                          else P.completion_chunk(rid, name, "", payload))
+                finish, use = payload
+                yield sse(P.chat_chunk(rid, name, {}, finish) if chat
+                          else P.completion_chunk(rid, name, "", finish))
                 if include_usage:
                     yield sse(P.usage_chunk(rid, name, "chat.completion.chunk" if chat
-                                            else "text_completion", _usage(handle)))
+                                            else "text_completion", use))
             else:
-                yield sse(P.error_body(payload, "server_error"))
+                yield sse(P.error_body(payload[0], "server_error"))
         done = True
         yield b"data: [DONE]\n\n"
     finally:

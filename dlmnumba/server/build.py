@@ -21,17 +21,19 @@ def server_state(cfg) -> ServerState:
         decode_settings(cfg, cfg.sampling.max_tokens))
 
 
-def load_model(cfg):
-    """The Config's model with its threads, kernel path and LM head."""
+def load_model(cfg, file=None):
+    """The Config's model with its threads, kernel path and LM head (`file`: its GGUF file,
+    already opened)."""
     from ..model_source import open_model
 
-    return open_model(cfg, progress=False)
+    return open_model(cfg, progress=False, file=file)
 
 
-def serve_local(cfg, log_level: str = "info") -> None:
-    """Serve in this process until Ctrl-C / SIGTERM; the model loads in the background while
-    /health answers 503."""
+def serve_local(cfg, log_level: str = "info", file=None) -> None:
+    """Serve in this process until Ctrl-C / SIGTERM; the model (from `file`, the GGUF file the
+    configuration was resolved with, when given) loads in the background while /health
+    answers 503."""
     from .run import serve_forever
 
-    serve_forever(create_app(server_state(cfg), load=lambda: load_model(cfg)), cfg.host,
+    serve_forever(create_app(server_state(cfg), load=lambda: load_model(cfg, file)), cfg.host,
                   cfg.port, log_level)

@@ -1,19 +1,28 @@
 """The engine thread: one thread owns the Engine and steps it; HTTP handlers submit requests and
-read their events from asyncio queues.  The HTTP side never calls the model.
+read their events from asyncio queues.  The HTTP side never calls the model and never reads a
+live request: it reads the frozen `RequestOutput`s the engine reports.
 
-Events posted to a handle's queue, in order: ("tokens", [ids]) for each step that commits
-tokens, then exactly one of ("done", request) or ("error", message).
+Events posted to a handle's queue, in order: one RequestOutput per step that changed the
+request (new tokens, a stats snapshot), the last one with `finished` set (the whole output, the
+finish reason, any error); or, when the service cannot go on, ("error", message) at once.
+
+The thread survives any exception: a fault in one request fails that request (runtime/engine.py),
+a fault in the step loop itself fails every request the engine holds and the loop goes on; if
+the thread ever stops all the same, every waiting handler gets an error at once and /health
+answers 503.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..decode.requests import Request
-from ..engine import Engine
+from ..runtime.engine import Engine, RequestOutput, StepReport
 
+log = logging.getLogger("dlmnumba.server")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 TPP_BUCKETS = (0.5, 1, 1.5, 2, 3, 4, 6, 8, 16, 32, 64)
@@ -53,17 +62,18 @@ class Metrics:
 
 
 class Handle:
-    """A submitted request as its HTTP handler sees it."""
+    """A submitted request as its HTTP handler sees it: an id and a queue of events."""
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
-        self.request, self.loop = request, loop
+        self.request_id = request.id
+        self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.closed = False
 
-    def post(self, kind: str, payload) -> None:
+    def post(self, event) -> None:
         """From the engine thread: hand an event to the handler's event loop."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the handler's loop is gone (server shut down)
             pass
 
@@ -80,25 +90,34 @@ class EngineService:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="dlmnumba-engine", daemon=True)
+        self.failure: str | None = None  # why the engine thread stopped, if it did
+        self._thread = threading.Thread(target=self._main, name="dlmnumba-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is serving (false once it stopped, for whatever reason)."""
+        return self.failure is None and self._thread.is_alive()
+
     # -- HTTP side -----------------------------------------------------------------------------
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Handle:
-        """Queue a request (raises engine.QueueFull when the waiting queue is full)."""
-        if self._stopping:
-            raise ShuttingDown("the server is shutting down")
+        """Queue a request (raises engine.QueueFull when the waiting queue is full,
+        ShuttingDown when the service is stopping or stopped)."""
+        if self._stopping or self.failure is not None:
+            raise ShuttingDown(self.failure or "the server is shutting down")
         h = Handle(request, loop)
         with self._lock:
-            self._handles[id(request)] = h
+            self._handles[request.id] = h
         try:
             self.engine.submit(request)
         except Exception:
             with self._lock:
-                self._handles.pop(id(request), None)
+                self._handles.pop(request.id, None)
             raise
+        if self.failure is not None:  # the thread stopped meanwhile: nobody would answer
+            self._fail_handles(self.failure)
         self.metrics.waiting.set(self.engine.waiting)
         self._wake.set()
         return h
@@ -106,7 +125,7 @@ class EngineService:
     def cancel(self, handle: Handle) -> None:
         """Drop a request (client gone, stop string reached); its slot frees at the next step."""
         handle.closed = True
-        self.engine.cancel(handle.request)
+        self.engine.cancel(handle.request_id)
         self._wake.set()
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -116,8 +135,8 @@ class EngineService:
         with self._lock:
             handles = list(self._handles.values())
         for h in handles:
-            h.post("error", "the server is shutting down")
-            self.engine.cancel(h.request)
+            h.post(("error", "the server is shutting down"))
+            self.engine.cancel(h.request_id)
         self._wake.set()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -125,8 +144,21 @@ class EngineService:
         self._thread.join(timeout)
 
     # -- the engine thread ---------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - the thread is ending: tell everyone waiting
+            self.failure = f"the engine stopped: {type(e).__name__}: {e}"
+            log.critical("%s", self.failure, exc_info=True)
+            self._fail_handles(self.failure)
+
+    def _fail_handles(self, message: str) -> None:
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+        for h in handles:
+            h.post(("error", message))
+
     def _loop(self) -> None:
-        m = self.metrics
         while True:
             if not self.engine.has_work():
                 if self._stopping:
@@ -134,35 +166,48 @@ class EngineService:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            rep = self.engine.step()
-            if rep.sequences:
-                m.passes.inc()
-                m.seq_passes.inc(rep.sequences)
-                m.rows.observe(rep.rows)
-                m.seqs.observe(rep.sequences)
-            if rep.prefix_hit_tokens:
-                m.prefix_hits.inc(rep.prefix_hit_tokens)
-            for r, new in rep.committed:
-                m.generated.inc(len(new))
-                h = self._handles.get(id(r))
-                if h is not None and not h.closed:
-                    h.post("tokens", new)
-            for r in rep.finished:
-                with self._lock:
-                    h = self._handles.pop(id(r), None)
-                self._finished(r, h)
-            m.running.set(self.engine.running)
-            m.waiting.set(self.engine.waiting)
-            pc = self.engine.prefix_cache
-            if pc is not None:
-                m.prefix_tokens.set(pc.tokens)
+            try:
+                rep = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - a fault of the step loop itself
+                log.exception("engine step failed: every request it held fails")
+                rep = self.engine.abort(e)
+            try:
+                self._publish(rep)
+            except Exception as e:  # noqa: BLE001 - nobody may be left waiting: all fail
+                log.exception("publishing a step failed: every request fails")
+                self.engine.abort(e)
+                self._fail_handles(f"internal error: {type(e).__name__}: {e}")
 
-    def _finished(self, r: Request, h: Handle | None) -> None:
-        m, st = self.metrics, r.stats
-        if r.error is not None:
+    def _publish(self, rep: StepReport) -> None:
+        """Post each request's output to its handler; update the metrics."""
+        m = self.metrics
+        if rep.sequences:
+            m.passes.inc()
+            m.seq_passes.inc(rep.sequences)
+            m.rows.observe(rep.rows)
+            m.seqs.observe(rep.sequences)
+        if rep.prefix_hit_tokens:
+            m.prefix_hits.inc(rep.prefix_hit_tokens)
+        m.generated.inc(rep.committed_tokens)
+        for out in rep.outputs:
+            if out.finished:
+                with self._lock:
+                    h = self._handles.pop(out.request_id, None)
+                self._finished(out)
+            else:
+                h = self._handles.get(out.request_id)
+            if h is not None and not h.closed:
+                h.post(out)
+        m.running.set(self.engine.running)
+        m.waiting.set(self.engine.waiting)
+        pc = self.engine.prefix_cache
+        if pc is not None:
+            m.prefix_tokens.set(pc.tokens)
+
+    def _finished(self, out: RequestOutput) -> None:
+        m, st = self.metrics, out.stats
+        if out.error is not None:
             m.requests.labels("error").inc()
-            if h is not None:
-                h.post("error", str(r.error))
             return
         if st.finish_reason == "cancelled":
             m.requests.labels("cancelled").inc()
@@ -173,10 +218,7 @@ class EngineService:
                 m.ttft.observe(st.ttft_s)
             m.tpp.observe(st.tokens_per_pass)
         m.prompt.inc(st.prompt_tokens)
-        if h is not None:
-            h.post("done", r)
 
 
 class ShuttingDown(Exception):
-    """A request arrived after shutdown began."""
-
+    """A request arrived after shutdown began (or after the engine thread stopped)."""

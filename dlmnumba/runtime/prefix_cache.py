@@ -15,24 +15,26 @@ per attention mask (K/V computed under another mask differ).
   its cache holds (real tokens only, never masks).  Multi-turn chat, which resends the
   conversation, then skips everything up to the previous answer's last full page.
 - Least recently used leaves are evicted while the tree holds more than `max_tokens`.
-Used by the engine thread only (not thread-safe by itself).
+Thread-safe: engines stepping in several threads (one `Generator` streaming from many) may
+share one.
 """
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 
-from .model.batch import AttentionMask
+from ..model.batch import AttentionMask
 
 CAUSAL_PAGE = 16  # tokens per page under the causal mask
 
 
 class _Node:
-    __slots__ = ("tokens", "k", "v", "children", "parent", "used")
+    __slots__ = ("tokens", "keys", "values", "children", "parent", "used")
 
-    def __init__(self, tokens, k, v, parent):
-        self.tokens, self.k, self.v, self.parent = tokens, k, v, parent
+    def __init__(self, tokens, keys, values, parent):
+        self.tokens, self.keys, self.values, self.parent = tokens, keys, values, parent
         self.children: dict[tuple, _Node] = {}
         self.used = 0
 
@@ -48,6 +50,7 @@ class PrefixCache:
         self.hit_tokens = 0  # prompt tokens whose K/V came from the cache, all requests
         self._roots: dict[AttentionMask, _Node] = {}
         self._clock = itertools.count(1)
+        self._lock = threading.Lock()
 
     @staticmethod
     def page_size(mask: AttentionMask) -> int:
@@ -75,20 +78,19 @@ class PrefixCache:
             return 0
         mask, prompt = request.mask, request.prompt
         p = self.page_size(mask)
-        path = self._walk(mask, prompt, (len(prompt) - 1) // p)
-        if not path:
-            return 0
-        n = len(path) * p
-        cache = request.cache
-        cache.reserve(n)
-        now = next(self._clock)
-        for i, node in enumerate(path):
-            cache.k[:, :, i * p:(i + 1) * p] = node.k
-            cache.v[:, :, i * p:(i + 1) * p] = node.v
-            node.used = now
-        cache.pos[:n] = np.arange(n, dtype=np.int32)
-        cache.length = n
-        self.hit_tokens += n
+        with self._lock:
+            path = self._walk(mask, prompt, (len(prompt) - 1) // p)
+            if not path:
+                return 0
+            n = len(path) * p
+            cache = request.cache
+            cache.reserve(n)
+            now = next(self._clock)
+            for i, node in enumerate(path):
+                cache.load(i * p, node.keys, node.values,
+                           np.arange(i * p, (i + 1) * p, dtype=np.int32))
+                node.used = now
+            self.hit_tokens += n
         return n
 
     def insert(self, request) -> int:
@@ -99,23 +101,24 @@ class PrefixCache:
         mask, cache = request.mask, request.cache
         p = self.page_size(mask)
         tokens = (request.prompt + request.out)[:cache.length]
-        if not np.array_equal(cache.pos[:len(tokens)], np.arange(len(tokens))):
+        if not np.array_equal(cache.positions[:len(tokens)], np.arange(len(tokens))):
             return 0  # not a plain sequence from position 0
-        node = self._roots.setdefault(mask, _Node((), None, None, None))
-        now = next(self._clock)
-        added = 0
-        for i in range(len(tokens) // p):
-            key = tuple(tokens[i * p:(i + 1) * p])
-            child = node.children.get(key)
-            if child is None:
-                child = _Node(key, cache.k[:, :, i * p:(i + 1) * p].copy(),
-                              cache.v[:, :, i * p:(i + 1) * p].copy(), node)
-                node.children[key] = child
-                added += p
-            child.used = now
-            node = child
-        self.tokens += added
-        self._evict()
+        with self._lock:
+            node = self._roots.setdefault(mask, _Node((), None, None, None))
+            now = next(self._clock)
+            added = 0
+            for i in range(len(tokens) // p):
+                key = tuple(tokens[i * p:(i + 1) * p])
+                child = node.children.get(key)
+                if child is None:
+                    k, v = cache.view(i * p, (i + 1) * p)
+                    child = _Node(key, k.copy(), v.copy(), node)
+                    node.children[key] = child
+                    added += p
+                child.used = now
+                node = child
+            self.tokens += added
+            self._evict()
         return added
 
     def _evict(self) -> None:
@@ -137,5 +140,6 @@ class PrefixCache:
 
     def clear(self) -> None:
         """Forget everything."""
-        self._roots.clear()
-        self.tokens = 0
+        with self._lock:
+            self._roots.clear()
+            self.tokens = 0
