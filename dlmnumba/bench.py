@@ -37,6 +37,7 @@ class BenchSummary:
     forward_passes_per_req: float  # mean forward passes per request
     tokens_per_forward_pass: float  # total tokens / total forward passes (0 if none counted)
     ttft_mean_ms: float  # mean time to first token
+    acceptance: float = 0.0  # spec: accepted / drafted tokens (0 without drafts)
 
 
 def round_half_away(x: float) -> int:
@@ -79,6 +80,8 @@ def summarize(requests: list[RequestStats], wall_s: float, prompt_tokens: int,
         forward_passes_per_req=passes / n,
         tokens_per_forward_pass=total / passes if passes else 0.0,
         ttft_mean_ms=sum(r.ttft_s for r in requests) * 1000.0 / n,
+        acceptance=(sum(r.accepted_tokens for r in requests)
+                    / max(1, sum(r.draft_tokens for r in requests))),
     )
 
 

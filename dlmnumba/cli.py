@@ -161,7 +161,7 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
 DECODE_OPTION_KEYS = (
     "model_path", "dlm.decode_mode", "dlm.block_size", "dlm.small_block_size", "dlm.threshold",
     "dlm.max_iterations_per_block", "dlm.mask_token_id", "dlm.attention", "dlm.kv_commit",
-    "dlm.dual_cache", "dlm.confidence",
+    "dlm.dual_cache", "dlm.confidence", "dlm.draft_size", "dlm.draft_policy",
     "threads", "kernel", "lm_head", "sampling.temperature", "sampling.top_k", "sampling.top_p",
     "sampling.seed", "sampling.ignore_eos",
 )
@@ -267,8 +267,11 @@ def generate(prompt: str, chat: bool | None, **opts) -> None:
         sys.stdout.flush()
     click.echo(dec.flush())
     st = stream.stats
+    drafts = (f"{st.accepted_tokens} of {st.draft_tokens} draft tokens accepted; "
+              if st.draft_tokens else "")
     click.echo(f"[{st.prompt_tokens} prompt tokens, {st.generated_tokens} generated in "
                f"{st.forward_passes} forward passes ({st.tokens_per_pass:.2f} tokens/pass); "
+               f"{drafts}"
                f"first token {st.ttft_s * 1e3:.0f} ms, total {st.latency_s:.2f} s, "
                f"{st.generated_tokens / max(st.latency_s, 1e-9):.2f} tok/s; "
                f"stop: {st.finish_reason}; mode {cfg.dlm.decode_mode}, block {cfg.dlm.block_size}]", err=True)
@@ -298,7 +301,9 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
     click.echo(f"({cfg.dlm.decode_mode}, block {cfg.dlm.block_size}, attention {cfg.dlm.attention}, "
                f"kv_commit {cfg.dlm.kv_commit}, {m.threads} threads: "
                f"{summary.forward_passes_per_req:.2f} forward passes/request, "
-               f"{summary.tokens_per_forward_pass:.2f} tokens/pass)", err=True)
+               f"{summary.tokens_per_forward_pass:.2f} tokens/pass"
+               + (f", {100 * summary.acceptance:.1f}% of draft tokens accepted"
+                  if summary.acceptance else "") + ")", err=True)
     if json_path:
         settings = {"model": m.path, "model_bytes": os.path.getsize(m.path),
                     "mode": cfg.dlm.decode_mode, "block_size": cfg.dlm.block_size,

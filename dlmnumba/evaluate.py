@@ -24,6 +24,8 @@ class TaskResult:
     generated_tokens: int = 0
     forward_passes: int = 0
     seconds: float = 0.0
+    draft_tokens: int = 0  # spec: draft tokens verified
+    accepted_tokens: int = 0  # spec: ... and accepted
     failures: list[dict] = field(default_factory=list)  # a few wrong answers, for reading
 
     @property
@@ -37,6 +39,11 @@ class TaskResult:
         return self.generated_tokens / max(1, self.forward_passes)
 
     @property
+    def acceptance(self) -> float:
+        """spec: the fraction of draft tokens accepted (0 without drafts)."""
+        return self.accepted_tokens / max(1, self.draft_tokens)
+
+    @property
     def tokens_per_second(self) -> float:
         """Generated tokens per second of decoding."""
         return self.generated_tokens / max(self.seconds, 1e-9)
@@ -48,12 +55,14 @@ class TaskResult:
         self.generated_tokens += other.generated_tokens
         self.forward_passes += other.forward_passes
         self.seconds += other.seconds
+        self.draft_tokens += other.draft_tokens
+        self.accepted_tokens += other.accepted_tokens
 
     def to_dict(self) -> dict:
         """JSON-ready figures."""
         d = asdict(self)
         d.update(accuracy=self.accuracy, tokens_per_pass=self.tokens_per_pass,
-                 tokens_per_second=self.tokens_per_second)
+                 tokens_per_second=self.tokens_per_second, acceptance=self.acceptance)
         return d
 
 
@@ -82,6 +91,8 @@ def run_eval(generator, encode: Callable[[str], list[int]], examples: Sequence[T
         r.generated_tokens += gen.stats.generated_tokens
         r.forward_passes += gen.stats.forward_passes
         r.seconds += dt
+        r.draft_tokens += gen.stats.draft_tokens
+        r.accepted_tokens += gen.stats.accepted_tokens
         if not ok and len(r.failures) < keep_failures:
             r.failures.append({"prompt": ex.prompt, "answer": ex.answer, "output": gen.text})
         if progress is not None:
@@ -94,11 +105,14 @@ def run_eval(generator, encode: Callable[[str], list[int]], examples: Sequence[T
 
 def format_table(results: Sequence[TaskResult], total: TaskResult, settings: str) -> str:
     """The human-readable report."""
+    drafts = total.draft_tokens > 0  # spec: the accepted fraction of the drafts too
     lines = [f"Evaluation ({settings})",
-             f"{'task':<10} {'n':>5} {'accuracy':>9} {'tok/pass':>9} {'tok/s':>8}"]
+             f"{'task':<10} {'n':>5} {'accuracy':>9} {'tok/pass':>9} {'tok/s':>8}"
+             + (f" {'accepted':>9}" if drafts else "")]
     for r in list(results) + [total]:
         lines.append(f"{r.task:<10} {r.n:>5} {100 * r.accuracy:>8.1f}% "
-                     f"{r.tokens_per_pass:>9.2f} {r.tokens_per_second:>8.1f}")
+                     f"{r.tokens_per_pass:>9.2f} {r.tokens_per_second:>8.1f}"
+                     + (f" {100 * r.acceptance:>8.1f}%" if drafts else ""))
     return "\n".join(lines)
 
 

@@ -23,8 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .decode.modes import MODE_REGISTRY, MODES
 from .decode.policies import POLICIES
-from .decode.modes import MODES
+from .decode.spec import DRAFT_POLICIES
 from .errors import ConfigError
 from .kernels.dispatch import PATHS as KERNEL_PATHS
 
@@ -141,8 +142,15 @@ SETTINGS_LIST: tuple[Setting, ...] = (
             "adaptive) before the rest take their most confident earlier prediction.",
             check=POSITIVE),
     Setting("dlm.decode_mode", str, "greedy", "greedy: one pass per block; iterative: unmask "
-            "above the threshold; adaptive: rising thresholds; ar: one token per pass.",
+            "above the threshold; adaptive: rising thresholds; ar: one token per pass; spec: "
+            "ar's output, drafted with masks and verified causally in the same pass.",
             choices=MODES, option="mode"),
+    Setting("dlm.draft_size", int, 16, "spec: most mask positions a pass drafts.",
+            check=POSITIVE),
+    Setting("dlm.draft_policy", str, "adaptive", "spec: how many masks a pass drafts: fixed = "
+            "draft_size; adaptive = as many as are more likely than not to be accepted, from "
+            "the request's acceptance so far (at most draft_size).",
+            choices=tuple(DRAFT_POLICIES)),
     Setting("dlm.attention", str, "block", "block: bidirectional within a block, causal across "
             "blocks (Fast-dLLM v2); causal: the seed's causal-only attention.",
             choices=("block", "causal")),
@@ -215,8 +223,8 @@ DECODE_KEYS: dict[str, str] = {
     "small_block_size": "dlm.small_block_size", "threshold": "dlm.threshold",
     "max_iterations_per_block": "dlm.max_iterations_per_block", "attention": "dlm.attention",
     "kv_commit": "dlm.kv_commit", "dual_cache": "dlm.dual_cache",
-    "confidence": "dlm.confidence",
-    "mask_token_id": "dlm.mask_token_id",
+    "confidence": "dlm.confidence", "draft_size": "dlm.draft_size",
+    "draft_policy": "dlm.draft_policy", "mask_token_id": "dlm.mask_token_id",
     "max_tokens": "sampling.max_tokens", "ignore_eos": "sampling.ignore_eos",
     "temperature": "sampling.temperature",
     "top_k": "sampling.top_k", "top_p": "sampling.top_p", "seed": "sampling.seed",
@@ -337,6 +345,12 @@ def check_together(values: Mapping[str, Any], sources: Mapping[str, str] | str) 
                           f"({values[hi]}, from {src(hi)})")
     block, small = "dlm.block_size", "dlm.small_block_size"
     mode = values.get("dlm.decode_mode")
+    temp = "sampling.temperature"
+    if mode is not None and not MODE_REGISTRY[mode].samples and values.get(temp):
+        raise ConfigError(
+            f"'dlm.decode_mode' {mode} (from {src('dlm.decode_mode')}) decodes greedily: "
+            f"'{temp}' must be 0, got {values[temp]} (from {src(temp)}); sampling needs "
+            "another mode")
     if block in values and small in values and (mode is None or mode in REFINING_MODES):
         if values[block] % values[small]:
             in_mode = f" in {mode} mode (from {src('dlm.decode_mode')})" if mode else ""

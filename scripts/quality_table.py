@@ -56,6 +56,12 @@ ROWS = [
      dict(mode="greedy", block_size=16, kv_commit="none")),
     ("seed scheduling (kv_commit none), block 64, causal",
      dict(mode="greedy", block_size=64, attention="causal", kv_commit="none")),
+    ("spec, draft 4", dict(mode="spec", draft_size=4, draft_policy="fixed")),
+    ("spec, draft 8", dict(mode="spec", draft_size=8, draft_policy="fixed")),
+    ("spec, draft 16", dict(mode="spec", draft_size=16, draft_policy="fixed")),
+    ("spec, draft 32", dict(mode="spec", draft_size=32, draft_policy="fixed")),
+    ("spec, adaptive draft (at most 16)", dict(mode="spec", draft_size=16,
+                                               draft_policy="adaptive")),
 ]
 
 

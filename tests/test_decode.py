@@ -244,8 +244,9 @@ def test_no_mask_token_needs_ar(synth_model, tmp_path):
     path = rewrite(synth_model(), tmp_path / "nomask.gguf",
                    metadata={"tokenizer.ggml.mask_token_id": None, "tokenizer.ggml.tokens": toks})
     m = dlmnumba.load_model(path)
-    with pytest.raises(DecodeError, match="--mask-token-id.*--mode ar"):
-        Generator(m, DecodeSettings(mode="greedy"))
+    for mode in ("greedy", "spec"):
+        with pytest.raises(DecodeError, match="--mask-token-id.*--mode ar"):
+            Generator(m, DecodeSettings(mode=mode))
     assert len(Generator(m, DecodeSettings(mode="ar", max_tokens=4)).generate(PROMPT).tokens) == 4
 
 

@@ -124,7 +124,10 @@ def test_rope_neox(n_rot):
     assert np.array_equal(y[..., n_rot:], x[..., n_rot:])  # partial rotary leaves the rest
 
 
-def ref_attention(q, k, v, kpos, qpos, block):
+def ref_attention(q, k, v, kpos, qpos, block, open_from=-1):
+    """Dense float64 attention; the mask written out per (query, key): causal, or block
+    (bidirectional inside aligned blocks), and with open_from >= 0 a bidirectional tail (a
+    query at or after open_from sees every key)."""
     m, h, d = q.shape
     grp = h // k.shape[0]
     out = np.zeros((m, h, d))
@@ -134,6 +137,8 @@ def ref_attention(q, k, v, kpos, qpos, block):
                 vis = kpos // block <= qpos[mi] // block
             else:
                 vis = kpos <= qpos[mi]
+            if 0 <= open_from <= qpos[mi]:
+                vis = np.ones_like(vis)
             s = k[hi // grp] @ q[mi, hi] / np.sqrt(d)
             s = np.where(vis, s, -np.inf)
             p = np.exp(s - s.max())
@@ -152,7 +157,7 @@ def test_attention_masks(block):
     qpos = np.arange(n_keys - m, n_keys).astype(np.int32)  # the batch is the last m slots
     q = rng.standard_normal((m, h, d)).astype(np.float32)
     out = np.empty_like(q)
-    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, block, np.float32(1 / np.sqrt(d)))
+    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, block, -1, np.float32(1 / np.sqrt(d)))
     ref = ref_attention(q, kc[:, :n_keys], vc[:, :n_keys], kpos[:n_keys], qpos, block)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     if block:  # block mask differs from causal: the first query of a block sees later ones
@@ -179,9 +184,59 @@ def test_attention_tiles(m, h, hkv, d, prefix, block):
     qpos = np.arange(prefix, n_keys).astype(np.int32)
     q = rng.standard_normal((m, h, d)).astype(np.float32)
     out = np.empty_like(q)
-    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, block, np.float32(1 / np.sqrt(d)))
+    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, block, -1, np.float32(1 / np.sqrt(d)))
     ref = ref_attention(q, kc[:, :n_keys], vc[:, :n_keys], kpos[:n_keys], qpos, block)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,tail,hkv,d", [(9, 4, 2, 8), (20, 17, 5, 128), (3, 2, 1, 16)])
+def test_attention_bidirectional_tail(m, tail, hkv, d):
+    """The spec pass's mask: causal rows, then a tail of rows that see each other and every
+    key before them; against the dense reference mask, through attention() and
+    attention_many() (beside a plain causal sequence), and the causal rows before the tail
+    bit-identical to the same rows without the tail's keys (what makes spec equal ar)."""
+    rng = np.random.default_rng(m * 7 + tail)
+    h, prefix = 4 * hkv, 13
+    n_keys = prefix + m
+    kc = rng.standard_normal((hkv, n_keys + 5, d)).astype(np.float32)
+    vc = rng.standard_normal((hkv, n_keys + 5, d)).astype(np.float32)
+    kpos = np.zeros(n_keys + 5, np.int32)
+    kpos[:n_keys] = np.arange(n_keys)
+    qpos = np.arange(prefix, n_keys).astype(np.int32)
+    q = rng.standard_normal((m, h, d)).astype(np.float32)
+    open_from = prefix + m - tail
+    scale = np.float32(1 / np.sqrt(d))
+    out = np.empty_like(q)
+    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, 0, open_from, scale)
+    ref = ref_attention(q, kc[:, :n_keys], vc[:, :n_keys], kpos[:n_keys], qpos, 0, open_from)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(ref, ref_attention(q, kc[:, :n_keys], vc[:, :n_keys],
+                                              kpos[:n_keys], qpos, 0))  # the tail matters
+    causal_rows = m - tail
+    alone = np.empty((causal_rows, h, d), np.float32)
+    attn_k.attention(alone, q[:causal_rows].copy(), kc, vc, kpos, n_keys - tail,
+                     qpos[:causal_rows].copy(), 0, -1, scale)
+    # bit-identical: the compiled tiles sum in key order (numpy's BLAS without the JIT does not)
+    def same(a, b):
+        if NO_JIT:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
+    same(out[:causal_rows], alone)
+    # attention_many: this sequence beside a causal one, each row as alone
+    from numba.typed import List
+    other_q = rng.standard_normal((5, h, d)).astype(np.float32)
+    kc2 = rng.standard_normal((1, hkv, 9, d)).astype(np.float32)
+    vc2 = rng.standard_normal((1, hkv, 9, d)).astype(np.float32)
+    kp2 = np.arange(9, dtype=np.int32)
+    both = np.empty((m + 5, h, d), np.float32)
+    attn_k.attention_many(both, np.concatenate([q, other_q]), List([kc[None], kc2]),
+                          List([vc[None], vc2]), List([kpos, kp2]),
+                          np.array([n_keys, 9], np.int64), np.array([0, m, m + 5], np.int64),
+                          np.concatenate([qpos, np.arange(4, 9, dtype=np.int32)]),
+                          np.array([0, 0], np.int64), np.array([open_from, -1], np.int64),
+                          scale, 0)
+    same(both[:m], out)
 
 
 def test_argmax_confidence():

@@ -62,7 +62,7 @@ def _metric(srv, name):
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("mode", ["greedy", "ar", "iterative"])
+@pytest.mark.parametrize("mode", ["greedy", "ar", "iterative", "spec"])
 def test_chat_equals_library_output(toy_server, toy, mode):
     c = _client(toy_server)
     want = _want(toy, "What is 12+35?", mode=mode, max_tokens=24)
@@ -73,6 +73,14 @@ def test_chat_equals_library_output(toy_server, toy, mode):
     assert r.choices[0].finish_reason == want.stats.finish_reason
     assert r.usage.completion_tokens == len(want.tokens)
     assert r.usage.prompt_tokens == want.stats.prompt_tokens
+    details = r.usage.completion_tokens_details  # spec's drafts, as OpenAI's predictions
+    assert details.accepted_prediction_tokens == want.stats.accepted_tokens
+    assert details.rejected_prediction_tokens == (want.stats.draft_tokens
+                                                  - want.stats.accepted_tokens)
+    if mode == "spec":
+        assert want.stats.accepted_tokens > 0
+        assert _metric(toy_server, "dlmnumba_accepted_draft_tokens_total") >= \
+            want.stats.accepted_tokens
     # streamed: the same text, chunk by chunk, then usage
     parts, finish, use = [], None, None
     for ch in c.chat.completions.create(model="toy", messages=[{"role": "user",

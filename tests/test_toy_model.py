@@ -108,11 +108,11 @@ def _block_local_mask(monkeypatch, model):
     from dlmnumba.kernels import attention as attn_k
     orig = attn_k.attention
 
-    def broken(out, q, k, v, key_pos, n_keys, query_pos, block, scale):
+    def broken(out, q, k, v, key_pos, n_keys, query_pos, block, open_from, scale):
         kp = key_pos.copy()
         if block:
             kp[:n_keys][key_pos[:n_keys] // block < query_pos.min() // block] = 1 << 30
-        orig(out, q, k, v, kp, n_keys, query_pos, block, scale)
+        orig(out, q, k, v, kp, n_keys, query_pos, block, open_from, scale)
     monkeypatch.setattr(attn_k, "attention", broken)
 
 

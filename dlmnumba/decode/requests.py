@@ -38,6 +38,8 @@ class RequestStats:
     ttft_s: float = 0.0  # time to the first committed token (from the request's creation)
     latency_s: float = 0.0  # time to the end (so far, while it runs)
     finish_reason: str | None = None  # length | stop | cancelled | error; None while running
+    draft_tokens: int = 0  # spec: tokens drafted and verified
+    accepted_tokens: int = 0  # spec: drafted tokens accepted (committed as drafted)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -87,13 +89,16 @@ class Request:
         self._passes = 0  # forward passes fed (head-only passes not counted)
         self._ttft = self._latency = 0.0
         self._finish_reason: str | None = None
+        self._drafted = self._accepted = 0  # spec's draft tokens verified and accepted
 
     @property
     def stats(self) -> RequestStats:
         """A snapshot of what the request has cost so far (final once it finished)."""
         latency = self._latency if self.finished else time.perf_counter() - self.t0
-        return RequestStats(len(self.prompt), len(self.out), self._passes, self._ttft, latency,
-                            self._finish_reason)
+        return RequestStats(prompt_tokens=len(self.prompt), generated_tokens=len(self.out),
+                            forward_passes=self._passes, ttft_s=self._ttft, latency_s=latency,
+                            finish_reason=self._finish_reason, draft_tokens=self._drafted,
+                            accepted_tokens=self._accepted)
 
     # -- the protocol ------------------------------------------------------------------------
     def next_pass(self) -> Pass | None:

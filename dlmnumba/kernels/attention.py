@@ -9,17 +9,22 @@ from .cpu import jit, pjit
 from .simd import exp_shifted, f32_tile
 
 CAUSAL = 0  # block_size 0 selects the causal mask
+NO_TAIL = -1  # open_from: no bidirectional tail
+SEES_ALL = np.int64(2**62)  # the key-position limit of a query that sees every key
 Q_CHUNK = 16  # queries per parallel task
 LANES = 16  # float32 lanes of the score / value tiles; keys are padded to a multiple of this
 WIDE = 64  # keys (scores) or value columns per wide tile (4 vectors of 16)
 
 
 @pjit
-def attention(out, q, k_cache, v_cache, key_pos, n_keys, query_pos, block_size, scale):
+def attention(out, q, k_cache, v_cache, key_pos, n_keys, query_pos, block_size, open_from,
+              scale):
     # out[M, H, D] = softmax(q k^T * scale + mask) v over cache slots [0, n_keys)
     # k_cache/v_cache[Hkv, C, D]; key_pos[C], query_pos[M] absolute positions.
     # mask: causal (block_size 0) sees key_pos <= query_pos; block sees every key whose
     # block (pos // block_size) is not later than the query's: bidirectional inside a block.
+    # open_from >= 0 (a bidirectional tail): a query at or after it sees every key (the tail's
+    # positions see each other and everything before them; queries before it are unchanged).
     # Each KV head's keys are transposed once (kt[D, keys]) so scores come out in vector lanes;
     # per task (one KV head, up to Q_CHUNK queries) the `group` query heads sharing it run
     # as the rows of register tiles (simd.f32_tile): scores = q kt, then values = p v.  Keys
@@ -37,17 +42,17 @@ def attention(out, q, k_cache, v_cache, key_pos, n_keys, query_pos, block_size, 
     for task in prange(n_kv * n_chunks):
         kh = task // n_chunks
         m0 = (task % n_chunks) * Q_CHUNK
-        _task(out, q, kt[kh], v_cache[kh], key_pos, n_keys, query_pos, block_size, scale, kh,
-              m0, min(m_rows, m0 + Q_CHUNK), group, nk)
+        _task(out, q, kt[kh], v_cache[kh], key_pos, n_keys, query_pos, block_size, open_from,
+              scale, kh, m0, min(m_rows, m0 + Q_CHUNK), group, nk)
 
 
 @pjit
 def attention_many(out, q, k_caches, v_caches, key_pos, n_keys, rows, query_pos, block_sizes,
-                   scale, layer):
+                   open_froms, scale, layer):
     # attention() for many sequences at once: sequence s owns the query rows
     # rows[s]:rows[s+1] of out/q/query_pos and the first n_keys[s] slots of its own cache
     # (k_caches[s][layer], v_caches[s][layer]: [Hkv, C, D]; key_pos[s]: [C]), mask
-    # block_sizes[s].  One parallel loop over (sequence, KV head); each runs attention()'s
+    # block_sizes[s] and open_froms[s].  One parallel loop over (sequence, KV head); each runs attention()'s
     # per-task arithmetic on the same transposed keys, so every row is bit-identical to
     # attention() on its sequence alone -- without a thread-pool launch per sequence.
     n_heads, d = q.shape[1], q.shape[2]
@@ -65,17 +70,19 @@ def attention_many(out, q, k_caches, v_caches, key_pos, n_keys, rows, query_pos,
                 kt[i, j] = kc[j, i]
         for m0 in range(rows[s], rows[s + 1], Q_CHUNK):
             _task(out, q, kt, v_caches[s][layer, kh], key_pos[s], nkeys, query_pos,
-                  block_sizes[s], scale, kh, m0, min(rows[s + 1], m0 + Q_CHUNK), group, nk)
+                  block_sizes[s], open_froms[s], scale, kh, m0, min(rows[s + 1], m0 + Q_CHUNK),
+                  group, nk)
 
 
 @jit
-def _task(out, q, kt, v, key_pos, n_keys, query_pos, block_size, scale, kh, m0, m1, group, nk):
+def _task(out, q, kt, v, key_pos, n_keys, query_pos, block_size, open_from, scale, kh, m0, m1,
+          group, nk):
     # queries m0..m1 of the `group` query heads sharing KV head kh: scores = q kt, softmax,
     # values = p v; keys after the last one any of these queries sees are skipped
     d = q.shape[2]
     n_vis = 0  # keys [0, n_vis) hold every key a query of this task sees
     for m in range(m0, m1):
-        lim = _limit(query_pos[m], block_size)
+        lim = _limit(query_pos[m], block_size, open_from)
         for j in range(n_keys - 1, n_vis - 1, -1):
             if key_pos[j] <= lim:
                 n_vis = j + 1
@@ -84,7 +91,7 @@ def _task(out, q, kt, v, key_pos, n_keys, query_pos, block_size, scale, kh, m0, 
     scores = np.zeros((group, nk), np.float32)
     acc = np.empty((group, d), np.float32)
     for m in range(m0, m1):
-        lim = _limit(query_pos[m], block_size)
+        lim = _limit(query_pos[m], block_size, open_from)
         h0 = kh * group
         _rows_times(scores, q[m, h0:h0 + group], kt, d, nv16)
         for g in range(group):
@@ -108,8 +115,10 @@ def _task(out, q, kt, v, key_pos, n_keys, query_pos, block_size, scale, kh, m0, 
 
 
 @jit
-def _limit(qp, block_size):
+def _limit(qp, block_size, open_from):
     # the last key position a query at qp sees
+    if open_from >= 0 and qp >= open_from:
+        return SEES_ALL
     return qp if block_size == CAUSAL else (qp // block_size + 1) * block_size - 1
 
 

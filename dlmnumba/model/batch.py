@@ -15,21 +15,31 @@ from typing import Sequence
 
 import numpy as np
 
-from ..kernels.attention import CAUSAL
+from ..kernels.attention import CAUSAL, NO_TAIL
 from .kv_cache import KVCache
 
 
 @dataclass(frozen=True)
 class AttentionMask:
     """Which keys a query sees: causal (block_size 0), or bidirectional inside blocks of
-    `block_size` aligned at absolute positions and causal across them (Fast-dLLM v2)."""
+    `block_size` aligned at absolute positions and causal across them (Fast-dLLM v2); and
+    with `open_from` >= 0, a bidirectional tail: the positions from open_from on see each
+    other and everything before them (a spec pass's draft group after its causal rows)."""
 
     block_size: int = CAUSAL
+    open_from: int = NO_TAIL
 
     def __post_init__(self):
         if int(self.block_size) < 0:
             raise ValueError(f"attention block_size must be >= 1 (or 0 for causal), "
                              f"got {self.block_size}")
+        if int(self.open_from) < NO_TAIL:
+            raise ValueError(f"attention open_from must be >= 0 (or {NO_TAIL}: no tail), "
+                             f"got {self.open_from}")
+
+    def with_tail(self, open_from: int) -> "AttentionMask":
+        """This mask with a bidirectional tail from absolute position open_from on."""
+        return AttentionMask(self.block_size, int(open_from))
 
     @classmethod
     def block(cls, size: int) -> "AttentionMask":
@@ -41,7 +51,7 @@ class AttentionMask:
     @property
     def is_causal(self) -> bool:
         """True for plain causal attention."""
-        return self.block_size == CAUSAL
+        return self.block_size == CAUSAL and self.open_from == NO_TAIL
 
     @classmethod
     def parse(cls, attention: "str | AttentionMask", block_size: int | None = None
@@ -56,7 +66,8 @@ class AttentionMask:
         raise ValueError(f"attention must be 'causal' or 'block', got {attention!r}")
 
     def __str__(self) -> str:
-        return "causal" if self.is_causal else f"block {self.block_size}"
+        base = "causal" if self.block_size == CAUSAL else f"block {self.block_size}"
+        return base if self.open_from == NO_TAIL else f"{base}, bidirectional from {self.open_from}"
 
 
 CAUSAL_MASK = AttentionMask(CAUSAL)

@@ -227,7 +227,8 @@ class Model:
                 kps.append(seg.cache.pos)
             many = (ks, vs, kps, np.asarray([seg.cache.length for seg in segments], np.int64),
                     np.asarray(bounds, np.int64), pos,
-                    np.array([seg.mask.block_size for seg in segments], np.int64))
+                    np.array([seg.mask.block_size for seg in segments], np.int64),
+                    np.array([seg.mask.open_from for seg in segments], np.int64))
 
         def attend(li, q, k, v):
             # per segment: its K/V into its cache, its queries against its cache (several
@@ -237,7 +238,7 @@ class Model:
                 c.write(li, firsts[i], k[a:b], v[a:b])
                 if many is None:
                     attn_k.attention(att, q, c.k[li], c.v[li], c.pos, c.length, pos,
-                                     seg.mask.block_size, scale)
+                                     seg.mask.block_size, seg.mask.open_from, scale)
             if many is not None:
                 attn_k.attention_many(att, q, *many, scale, li)
 

@@ -12,7 +12,7 @@ from ..settings import DECODE_KEYS, check_values
 class DecodeSettings:
     """How one request is decoded."""
 
-    mode: str = "greedy"  # greedy | iterative | adaptive | ar
+    mode: str = "greedy"  # greedy | iterative | adaptive | ar | spec
     block_size: int = 64  # tokens per diffusion block (blocks aligned at multiples of it)
     small_block_size: int = 8  # sub-block refined at a time by iterative / adaptive
     threshold: float = 0.9  # confidence needed to commit a token (iterative / adaptive)
@@ -21,6 +21,8 @@ class DecodeSettings:
     kv_commit: str = "normal"  # normal | none (the seed's stale-mask scheduling)
     dual_cache: bool = True  # refinement passes over the sub-block only (Fast-dLLM DualCache)
     confidence: str = "exact"  # exact | screened: the confidence iterative/adaptive threshold
+    draft_size: int = 16  # spec: most mask positions a pass drafts
+    draft_policy: str = "adaptive"  # spec: adaptive | fixed (decode/spec.py DRAFT_POLICIES)
     mask_token_id: int | None = None  # None = from the model file
     max_tokens: int = 128  # exact cap on generated tokens
     ignore_eos: bool = False  # run to max_tokens: end-of-generation tokens do not stop

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from ..decode.mask_token import require_mask_token, resolve_mask_id
-from ..decode.modes import AR_MODE, request_class
+from ..decode.modes import needs_mask, request_class
 from ..decode.requests import Request, RequestStats
 from ..model.bitnet import Model
 from ..model.kv_cache import KVCache
@@ -48,7 +48,7 @@ class Generator:
         self.settings = settings
         self.prefix_cache = prefix_cache  # a runtime.prefix_cache.PrefixCache, or None
         self.mask_id = resolve_mask_id(model, settings.mask_token_id)
-        if settings.mode != AR_MODE:
+        if needs_mask(settings.mode):
             require_mask_token(model, self.mask_id, settings.mode)
         self.eog = frozenset(model.spec.eog_ids)  # end-of-generation tokens
 

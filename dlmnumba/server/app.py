@@ -294,7 +294,8 @@ async def _tokens(state: ServerState, handle, stopper: StopMatcher, poll=None
 
 def _usage(out: RequestOutput, completion_tokens: int) -> dict[str, Any]:
     st = out.stats
-    return P.usage(st.prompt_tokens, completion_tokens, st.forward_passes, st.ttft_s)
+    return P.usage(st.prompt_tokens, completion_tokens, st.forward_passes, st.ttft_s,
+                   st.draft_tokens, st.accepted_tokens)
 
 
 async def _collect(state, handle, stopper, rid, name, chat, http: HttpRequest):

@@ -182,12 +182,17 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, forward_passes: int,
-          ttft_s: float) -> dict[str, Any]:
+          ttft_s: float, draft_tokens: int = 0, accepted_tokens: int = 0) -> dict[str, Any]:
     """OpenAI's usage object, plus the forward passes the reply took (a diffusion figure) and
-    the server's time from the request's arrival to its first committed token."""
+    the server's time from the request's arrival to its first committed token.  spec's drafts
+    are reported as OpenAI reports predicted outputs: completion_tokens_details'
+    accepted_prediction_tokens / rejected_prediction_tokens (0 in the other modes)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens, "forward_passes": forward_passes,
-            "time_to_first_token_s": round(ttft_s, 4)}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": accepted_tokens,
+                "rejected_prediction_tokens": draft_tokens - accepted_tokens},
+            "forward_passes": forward_passes, "time_to_first_token_s": round(ttft_s, 4)}
 
 
 def chat_response(rid: str, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:

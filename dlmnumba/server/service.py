@@ -59,6 +59,9 @@ class Metrics:
                                    registry=r)
         self.prefix_tokens = Gauge(p + "prefix_cache_tokens", "Tokens held by the prefix cache",
                                    registry=r)
+        self.drafted = Counter(p + "draft_tokens", "spec: draft tokens verified", registry=r)
+        self.accepted = Counter(p + "accepted_draft_tokens", "spec: draft tokens accepted",
+                                registry=r)
 
 
 class Handle:
@@ -218,6 +221,8 @@ class EngineService:
                 m.ttft.observe(st.ttft_s)
             m.tpp.observe(st.tokens_per_pass)
         m.prompt.inc(st.prompt_tokens)
+        m.drafted.inc(st.draft_tokens)
+        m.accepted.inc(st.accepted_tokens)
 
 
 class ShuttingDown(Exception):
