@@ -157,6 +157,8 @@ BAD = [
     ("bad threshold", {"messages": [{"role": "user", "content": "hi"}], "mode": "iterative",
                        "threshold": 5}, "threshold"),
     ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+    ("spec sampling", {"messages": [{"role": "user", "content": "hi"}], "mode": "spec",
+                       "temperature": 0.7}, "decodes greedily"),
 ]
 
 
