@@ -262,19 +262,27 @@ def test_kernels_without_jit():
 
 
 @pytest.mark.parametrize("path", ["amx", "vnni512", "vnni256", "avx2", "portable"])
+@pytest.mark.parametrize("kernel", ["auto", "small", "block"])
 @pytest.mark.parametrize("m,k,n", [(1, 128, 5), (1, 640, 38), (5, 512, 16), (7, 1536, 37),
                                    (65, 2560, 24), (13, 1152, 130), (2, 256, 20), (9, 640, 70),
-                                   (16, 1280, 64)])
-def test_every_kernel_path_is_exact(path, m, k, n):
-    """Each instruction path against the plain integer reference, bit for bit (M of every
-    remainder mod 6 exercises the last tile's 1..6 rows, odd N the padded rows; K > 1024
-    crosses the k-chunking)."""
+                                   (16, 1280, 64), (17, 384, 200), (31, 1152, 48)])
+def test_every_kernel_path_is_exact(path, kernel, m, k, n):
+    """Each instruction path and kernel (the one matmul_kernel picks, and the small-batch and
+    block kernels forced at every M) against the plain integer reference, bit for bit (M of
+    every remainder mod 6 and mod 8 exercises the last tiles' rows, odd N the padded rows;
+    K > 1024 crosses the k-chunking)."""
     from dlmnumba.kernels.dispatch import supported_paths
-    from dlmnumba.kernels.ternary import M_ALIGN, ternary_matmul
-    if NO_JIT and (path != "portable" or m == 1):
-        pytest.skip("LLVM intrinsics (every path's single-token mat-vec) need the JIT")
+    from dlmnumba.kernels.ternary import M_ALIGN, matmul_kernel, ternary_matmul
+    if kernel == "auto":
+        kernel = matmul_kernel(path, m)
+    elif kernel == "block":
+        kernel = {"amx": "amx", "portable": "grouped"}.get(path, "block")
+    if NO_JIT and kernel != "grouped":
+        pytest.skip("LLVM intrinsics (every SIMD kernel) need the JIT")
     if path not in supported_paths():
         pytest.skip(f"this CPU cannot execute the {path} path (supported: {supported_paths()})")
+    if kernel == "matvec" and m != 1:
+        pytest.skip("the mat-vec kernel takes one token")
     rng = np.random.default_rng(m * 7 + n)
     codes = rng.integers(0, 3, (n, k), dtype=np.uint8)
     kp = padded_k(k)
@@ -288,9 +296,9 @@ def test_every_kernel_path_is_exact(path, m, k, n):
     acc = q[:m, :k].astype(np.int64) @ (codes.astype(np.int64) - 1).T
     out = np.empty((m, n), np.float32)
     ternary_matmul(out, q, qsum, np.ones(m, np.float32), pack_codes(codes),
-                   np.ones_like(scales), kp, path)
+                   np.ones_like(scales), kp, path, kernel)
     assert np.array_equal(out, acc.astype(np.float32))
-    ternary_matmul(out, q, qsum, xs, pack_codes(codes), scales, kp, path)
+    ternary_matmul(out, q, qsum, xs, pack_codes(codes), scales, kp, path, kernel)
     expect = (acc.astype(np.float32) * scales[:, 0]) * (np.float32(1) / xs[:, None])
     assert np.array_equal(out, expect)
 

@@ -19,8 +19,8 @@ from numba import prange
 
 from .cpu import jit, pjit
 from .dispatch import simd_path
-from .simd import COLS, KSTEP, PACK_K, PATHS as SIMD_PATHS, VEC, bcast_tile, packed_vec, prefetch
-from .simd import unpack16
+from .simd import COLS, KSTEP, PACK_K, PATHS as SIMD_PATHS, VEC, bcast_tile, packed_tile
+from .simd import packed_vec, prefetch, unpack16
 from .amx import (N_C, TILE_K, TILE_ROWS, require_amx, tile_config, tile_pass, tile_release,
                   whole_tiles)
 
@@ -30,11 +30,15 @@ BLOCKS = ROW_ALIGN // COLS  # 16-row blocks per matmul task
 M_ALIGN = 6  # activation rows are padded to a multiple of this (zero rows): the tile's tokens
 K_CHUNK = 1024  # k per pass over a task's unpacked codes (64 KiB: stay in L2 beside the tokens)
 VEC_BLOCKS = 8  # 16-row blocks per parallel task of the single-token mat-vec
-# fewest tokens the 'amx' path runs on tiles: below, unpacking the codes for the tiles costs as
-# much as the VNNI tiles' arithmetic (bench/amx_matmul.py, 2 cores, AMX vs VNNI speed: 13824 x
-# 2560: 0.7x at 2 tokens, 0.8x at 6, 1.1x at 9-12, 1.4x at 16, 1.5-1.9x at 32-64; 2560 x 6912:
-# 0.8x, 1.0x, 1.0-1.4x, 1.6x, 2.0-2.3x)
-AMX_MIN_ROWS = 8
+# most tokens the small-batch kernel (ternary_matmul_small: packed bytes read once, unpacked in
+# registers) runs on each path; above, the block kernel (AMX tiles on 'amx').  Measured with
+# bench/kernels.py --crossover on a 2-core Intel Xeon (AMX), 2 threads, the 2B-4T gate|up and
+# down matrices of 30 layers (398 MB, from memory), ms small / block: amx 49.8 / 62.5 at 16
+# tokens, 66.8 / 66.7 at 20, 73.4 / 64.0 at 24; vnni512 (no AMX) 54.9 / 86.4 at 16, 102.7 /
+# 132.8 at 32, 195.4 / 231.7 at 65; vnni256 87.2 / 96.3 at 16, 125.9 / 129.4 at 24; avx2
+# 126.1 / 137.3 at 16, 192.3 / 202.3 at 24.  Either kernel computes the same integers.
+SMALL_MAX_ROWS = {"amx": 16, "vnni512": 64, "vnni256": 24, "avx2": 24, "portable": 64}
+AMX_MIN_ROWS = SMALL_MAX_ROWS["amx"] + 1  # fewest tokens the 'amx' path runs on tiles
 
 
 def padded_k(k: int) -> int:
@@ -263,6 +267,53 @@ def ternary_matvec_simd(path, n_vec, out, q, qsum, xscale, packed, scales):
         _finish(out, acc, qsum, inv, scales, b0 * COLS, 1)
 
 
+@pjit
+def ternary_matmul_small(path, n_vec, tile, out, q, qsum, xscale, packed, scales):
+    # out[M, N] = (codes[N, Kp] . q[M, Kp] - qsum[M]) * scales[N, 0] * (1 / xscale[M]) for a few
+    # tokens (the small-batch path): per task VEC_BLOCKS blocks, n_vec at a time, each packed
+    # byte read once per `tile` tokens and unpacked in registers (simd.packed_tile), so the
+    # step stays bound by reading the weights until the dot products catch up.
+    m_rows, n = out.shape
+    nb, n_chunks, _ = packed.shape
+    kp = q.shape[1]
+    lit = numba.literally(path)
+    nv = numba.literally(n_vec)
+    tm = numba.literally(tile)
+    inv = np.empty(m_rows, np.float32)
+    for m in range(m_rows):
+        inv[m] = np.float32(1.0) / xscale[m]
+    vstride = n_chunks * VEC
+    ostride = VEC_BLOCKS * COLS * 4
+    for t in prange((nb + VEC_BLOCKS - 1) // VEC_BLOCKS):
+        b0 = t * VEC_BLOCKS
+        if b0 * COLS >= n:
+            continue
+        acc = np.empty((m_rows, VEC_BLOCKS * COLS), np.int32)
+        for c in range(0, min(VEC_BLOCKS, nb - b0), nv):
+            p = packed[b0 + c].ctypes.data
+            for t0 in range(0, m_rows, tm):
+                rest = min(m_rows - t0, tm)
+                x = q.ctypes.data + t0 * kp
+                o = acc.ctypes.data + t0 * ostride + c * COLS * 4
+                if rest == 8:
+                    packed_tile(lit, 8, nv, p, vstride, x, kp, n_chunks, o, ostride)
+                elif rest == 7:
+                    packed_tile(lit, 7, nv, p, vstride, x, kp, n_chunks, o, ostride)
+                elif rest == 6:
+                    packed_tile(lit, 6, nv, p, vstride, x, kp, n_chunks, o, ostride)
+                elif rest == 5:
+                    packed_tile(lit, 5, nv, p, vstride, x, kp, n_chunks, o, ostride)
+                elif rest == 4:
+                    packed_tile(lit, 4, nv, p, vstride, x, kp, n_chunks, o, ostride)
+                elif rest == 3:
+                    packed_tile(lit, 3, nv, p, vstride, x, kp, n_chunks, o, ostride)
+                elif rest == 2:
+                    packed_tile(lit, 2, nv, p, vstride, x, kp, n_chunks, o, ostride)
+                else:
+                    packed_tile(lit, 1, nv, p, vstride, x, kp, n_chunks, o, ostride)
+        _finish(out, acc, qsum, inv, scales, b0 * COLS, m_rows)
+
+
 # One entry point per path, calling the driver with constant literals (path index, weight
 # vectors per tile): numba types the constants as literals, so each path is compiled (and
 # cached) on its first use only, and a call from Python never goes through numba.literally's
@@ -303,6 +354,28 @@ def _vec_generic(out, q, qsum, xscale, packed, scales):
     ternary_matvec_simd(3, 1, out, q, qsum, xscale, packed, scales)
 
 
+@jit
+def _small_vnni512(out, q, qsum, xscale, packed, scales):
+    ternary_matmul_small(0, 2, 8, out, q, qsum, xscale, packed, scales)
+
+
+@jit
+def _small_vnni256(out, q, qsum, xscale, packed, scales):
+    ternary_matmul_small(1, 1, 4, out, q, qsum, xscale, packed, scales)
+
+
+@jit
+def _small_avx2(out, q, qsum, xscale, packed, scales):
+    ternary_matmul_small(2, 1, 4, out, q, qsum, xscale, packed, scales)
+
+
+@jit
+def _small_generic(out, q, qsum, xscale, packed, scales):
+    ternary_matmul_small(3, 1, 4, out, q, qsum, xscale, packed, scales)
+
+
+SIMD_SMALL = {"vnni512": _small_vnni512, "vnni256": _small_vnni256, "avx2": _small_avx2,
+              "portable": _small_generic}
 SIMD_MATMUL = {"vnni512": _simd_vnni512, "vnni256": _simd_vnni256, "avx2": _simd_avx2}
 SIMD_MATVEC = {"vnni512": _vec_vnni512, "vnni256": _vec_vnni256, "avx2": _vec_avx2,
                "portable": _vec_generic}
@@ -312,30 +385,55 @@ assert M_ALIGN == 6 and K_CHUNK % PACK_K == 0 and PACK_BLOCK % PACK_K == 0
 assert BLOCKS == N_C and K_CHUNK % TILE_K == 0 and PACK_BLOCK % TILE_K == 0  # the AMX kernel
 
 
+KERNELS = ("matvec", "small", "block", "amx", "grouped")  # what matmul_kernel() picks
+
+
+def matmul_kernel(path: str, m: int, grouped: bool = False) -> str:
+    """Which kernel runs M tokens on instruction path `path`: the single-token mat-vec, the
+    small-batch kernel up to SMALL_MAX_ROWS[path] tokens, then the block kernel (AMX tiles on
+    'amx'); matrices with several scale groups per row (and the portable path's large M) the
+    plain numba kernel."""
+    if grouped:
+        return "grouped"
+    if m == 1:
+        return "matvec"
+    if m <= SMALL_MAX_ROWS[path]:
+        return "small"
+    if path == "amx":
+        return "amx"
+    return "grouped" if path == "portable" else "block"
+
+
 def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.ndarray,
-                   packed: np.ndarray, scales: np.ndarray, group: int, path: str) -> None:
+                   packed: np.ndarray, scales: np.ndarray, group: int, path: str,
+                   kernel: str | None = None) -> None:
     """out[M, N] = W q with W ternary in kernel layout, on instruction path `path`.
 
     q is int8 [Mp, Kp] (rows padded to a multiple of M_ALIGN with zeros), qsum its row sums.
-    Matrices with several scale groups per row use the portable kernel on every path; a
-    single token (M = 1, autoregressive decoding) the in-register unpacking mat-vec; path 'amx'
-    runs AMX_MIN_ROWS or more tokens on AMX tiles and is 'vnni512' otherwise (the same integers
-    either way)."""
+    `kernel` (default: matmul_kernel's choice; tests and benches force one) is one of
+    KERNELS: every kernel computes the same integers."""
     m, n = out.shape
     if (q.shape[1] != packed.shape[1] * PACK_K or q.shape[0] % M_ALIGN or q.shape[0] < m
             or packed.shape[0] * COLS < n or packed.shape[0] % BLOCKS or scales.shape[0] != n):
         raise ValueError(f"ternary matmul operands do not fit: out {out.shape}, q {q.shape}, "
                          f"packed {packed.shape}, scales {scales.shape}")
-    if scales.shape[1] != 1:
+    kernel = kernel or matmul_kernel(path, m, scales.shape[1] != 1)
+    if kernel == "grouped":
         ternary_matmul_kernel(out, q, xscale, packed, scales, group)
-    elif out.shape[0] == 1:
+    elif scales.shape[1] != 1:
+        raise ValueError(f"kernel {kernel!r} takes one scale per row, got {scales.shape[1]}")
+    elif kernel == "matvec":
+        if m != 1:
+            raise ValueError(f"the mat-vec kernel takes one token, got {m}")
         SIMD_MATVEC[simd_path(path)](out, q, qsum, xscale, packed, scales)
-    elif path == "amx" and m >= AMX_MIN_ROWS:
+    elif kernel == "small":
+        SIMD_SMALL[simd_path(path)](out, q, qsum, xscale, packed, scales)
+    elif kernel == "amx":
         require_amx("kernel path")
         # whole 16-row tiles (zero rows): one tile configuration throughout
         ternary_matmul_amx(out, whole_tiles(q, 0), qsum, xscale, packed, scales,
                            numba.get_num_threads())
-    elif path == "portable":
-        ternary_matmul_kernel(out, q, xscale, packed, scales, group)
-    else:
+    elif kernel == "block" and simd_path(path) in SIMD_MATMUL:
         SIMD_MATMUL[simd_path(path)](out, q, qsum, xscale, packed, scales)
+    else:
+        raise ValueError(f"no {kernel!r} ternary matmul kernel on path {path!r}")
