@@ -1,14 +1,20 @@
 """Performance-regression check for CI: a calibration and a short benchmark in one process,
-throughput normalised by the calibration, compared with the committed baseline.
+throughput normalised by the calibration, compared with the committed baseline of the same
+kernel path.
 
-    python bench/regress.py            # compare with bench/baseline.json, exit 1 on regression
-    python bench/regress.py --update   # measure and write bench/baseline.json
+    python bench/regress.py                  # compare with bench/baseline.json, exit 1 on regression
+    python bench/regress.py --update         # measure and write this path's baseline
+    python bench/regress.py --slow-down 2    # the check against a 2x slower engine: must fail
 
 Calibration: the register-only VNNI (or the CPU's best path) tile loop of bench/kernels.py,
 in GMAC/s: it moves with the machine's clock and load, so tok/s divided by it is steadier on
-shared machines than tok/s alone.  Benchmarks: greedy block decoding and `ar` decoding on the
-`small` synthetic preset (written once to the user cache).  A metric regresses when its
-normalised value falls below (1 - tolerance) x the baseline's.
+shared machines than tok/s alone.  It is measured several times, before and after the
+benchmarks, and its median used (one reading on a Zen 5 machine gave 952 and the next 489).
+Benchmarks: greedy block decoding and `ar` decoding on the `small` synthetic preset (written
+once to the user cache), and a 65-row matmul.  Baselines are kept per kernel path (vnni512 on
+the AMD machines, amx on the Intel ones): a machine kind is compared with its own kind only,
+and a path without a baseline is reported, not failed.  A metric regresses when both its raw
+and its normalised value fall below (1 - tolerance) x the baseline's, twice in a row.
 """
 from __future__ import annotations
 
@@ -37,15 +43,39 @@ def small_model() -> str:
     return str(path)
 
 
-def run(iterations: int) -> dict:
+CALIBRATIONS = 5  # calibration readings before the benchmarks, and again after them
+
+
+def calibrate(kernel: str, threads: int) -> list[float]:
+    """Several short readings of the tile loop's GMAC/s."""
+    from kernels import measure_peak
+
+    return [measure_peak(kernel, threads, seconds=0.25) for _ in range(CALIBRATIONS)]
+
+
+def slow_down(model, factor: float) -> None:
+    """Make every forward pass take `factor` times as long (the check must catch it)."""
+    fast = model.forward_batch
+
+    def slow(passes):
+        t = time.perf_counter()
+        out = fast(passes)
+        time.sleep((factor - 1) * (time.perf_counter() - t))
+        return out
+    model.forward_batch = slow
+
+
+def run(iterations: int, factor: float = 1.0) -> dict:
     """Calibration and benchmarks; returns the figures."""
     import dlmnumba
     from dlmnumba.bench import run_benchmark, summarize
     from dlmnumba import DecodeSettings, Generator
-    from kernels import measure_peak
 
     m = dlmnumba.load_model(small_model())
-    peak = measure_peak(m.kernel, m.threads, seconds=0.6)
+    if factor != 1.0:
+        slow_down(m, factor)
+    readings = calibrate(m.kernel, m.threads)
+    peak = statistics.median(readings)  # refined with the readings after the benchmarks
     prompt = m.tokenizer.encode("USER: What is the meaning of life?<|eot_id|>ASSISTANT:")
     figures = {"kernel": m.kernel, "threads": m.threads, "peak_gmacs": round(peak, 1),
                "metrics": {}}
@@ -59,12 +89,19 @@ def run(iterations: int) -> dict:
         tps = summarize(stats, wall, len(prompt), settings.max_tokens).tokens_per_s
         figures["metrics"][name] = {"tok_s": round(tps, 2),
                                     "tok_s_per_peak_gmacs": round(tps / peak, 5)}
-    figures["metrics"]["matmul_65x2560x6912"] = _matmul_metric(m.kernel, peak)
+    figures["metrics"]["matmul_65x2560x6912"] = _matmul_metric(m.kernel, peak, factor)
+    readings += calibrate(m.kernel, m.threads)
+    final = statistics.median(readings)
+    for fig in figures["metrics"].values():  # normalise by the median of all readings
+        key = "tok_s" if "tok_s" in fig else "gmacs"
+        fig["tok_s_per_peak_gmacs"] = round(fig[key] / final, 5)
+    figures["peak_gmacs"] = round(final, 1)
+    figures["calibration_spread"] = round(max(readings) / min(readings), 2)
     return figures
 
 
-def _matmul_metric(path: str, peak: float) -> dict:
-    """Block-batch ternary matmul at BitNet 2B-4T's FFN shape, GMAC/s (median of 5)."""
+def _matmul_metric(path: str, peak: float, factor: float = 1.0) -> dict:
+    """Block-batch ternary matmul at BitNet 2B-4T's FFN shape, GMAC/s (median of 15)."""
     import statistics
 
     import numpy as np
@@ -79,29 +116,34 @@ def _matmul_metric(path: str, peak: float) -> dict:
     qsum = q.astype(np.int32).sum(1).astype(np.int32)
     out, xs, sc = np.empty((m, n), np.float32), np.ones(m, np.float32), np.ones((n, 1), np.float32)
     ts = []
-    for _ in range(6):
+    for _ in range(16):
         t = time.perf_counter()
         ternary_matmul(out, q, qsum, xs, packed, sc, k, path)
         ts.append(time.perf_counter() - t)
-    g = m * k * n / statistics.median(ts[1:]) / 1e9
+    g = m * k * n / (factor * statistics.median(ts[1:])) / 1e9
     return {"gmacs": round(g, 1), "tok_s_per_peak_gmacs": round(g / peak, 5)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--update", action="store_true", help="write the baseline")
+    ap.add_argument("--update", action="store_true", help="write this kernel path's baseline")
     ap.add_argument("--tolerance", type=float, default=0.35)
     ap.add_argument("--iterations", type=int, default=12)
+    ap.add_argument("--slow-down", type=float, default=1.0,
+                    help="run every forward pass this many times slower (the check's own test)")
     args = ap.parse_args()
-    if args.update:  # the median of three runs per metric, so one lucky run sets no bar
+    if args.update:  # the slowest of three runs per metric: no lucky run sets the bar (the
+        # 65-row AMX matmul runs at ~600 or ~950 GMAC/s, by process, on the Intel machine)
         runs = [run(args.iterations) for _ in range(3)]
         now = runs[0]
         for name in now["metrics"]:
             for key in now["metrics"][name]:
-                now["metrics"][name][key] = statistics.median(r["metrics"][name][key] for r in runs)
+                now["metrics"][name][key] = min(r["metrics"][name][key] for r in runs)
         now["peak_gmacs"] = statistics.median(r["peak_gmacs"] for r in runs)
-        BASELINE.write_text(json.dumps(now, indent=2) + "\n")
-        print(f"wrote {BASELINE}: {now}")
+        baselines = read_baselines()
+        baselines[now["kernel"]] = now
+        BASELINE.write_text(json.dumps({"paths": baselines}, indent=2) + "\n")
+        print(f"wrote {BASELINE} ({now['kernel']}): {now}")
         return 0
     failed = check(args)
     if failed:  # shared machines are noisy: a regression must show twice
@@ -113,12 +155,24 @@ def main() -> int:
     return 0
 
 
+def read_baselines() -> dict:
+    """{kernel path: baseline figures} (a file of the older one-baseline form is that path's)."""
+    doc = json.loads(BASELINE.read_text()) if BASELINE.exists() else {"paths": {}}
+    return doc["paths"] if "paths" in doc else {doc["kernel"]: doc}
+
+
 def check(args) -> list[str]:
-    """Measure and compare with the baseline; the names of the regressed metrics."""
+    """Measure and compare with this path's baseline; the names of the regressed metrics."""
     t0 = time.perf_counter()
-    now = run(args.iterations)
-    print(f"calibration: {now['peak_gmacs']} GMAC/s ({now['kernel']}, {now['threads']} threads)")
-    base = json.loads(BASELINE.read_text())
+    now = run(args.iterations, args.slow_down)
+    print(f"calibration: {now['peak_gmacs']} GMAC/s (median of {2 * CALIBRATIONS} readings, "
+          f"max/min {now['calibration_spread']}; {now['kernel']}, {now['threads']} threads)")
+    base = read_baselines().get(now["kernel"])
+    if base is None:
+        print(f"no baseline for kernel path {now['kernel']} (bench/baseline.json has "
+              f"{', '.join(read_baselines()) or 'none'}): measured {now['metrics']}; "
+              "`python bench/regress.py --update` on this machine kind adds one")
+        return []
     failed = []
     for name, fig in now["metrics"].items():
         ref = base["metrics"].get(name)
@@ -126,14 +180,17 @@ def check(args) -> list[str]:
             print(f"{name}: {fig} (no baseline)")
             continue
         ratio = fig["tok_s_per_peak_gmacs"] / ref["tok_s_per_peak_gmacs"]
-        verdict = "ok" if ratio >= 1 - args.tolerance else "REGRESSION"
-        raw = f"{fig['tok_s']} tok/s" if "tok_s" in fig else f"{fig['gmacs']} GMAC/s"
-        print(f"{name}: {raw}, normalised {fig['tok_s_per_peak_gmacs']} vs "
-              f"baseline {ref['tok_s_per_peak_gmacs']} (x{ratio:.2f}): {verdict}")
+        key = "tok_s" if "tok_s" in fig else "gmacs"
+        raw_ratio = fig[key] / ref[key]
+        # both must fall: a slower machine of the kind lowers the raw figure only, a high
+        # calibration reading the normalised one only; a slower engine lowers both
+        bad = ratio < 1 - args.tolerance and raw_ratio < 1 - args.tolerance
+        verdict = "REGRESSION" if bad else "ok"
+        unit = "tok/s" if key == "tok_s" else "GMAC/s"
+        print(f"{name}: {fig[key]} {unit} (x{raw_ratio:.2f} of the baseline's {ref[key]}), "
+              f"normalised {fig['tok_s_per_peak_gmacs']} (x{ratio:.2f}): {verdict}")
         if verdict != "ok":
             failed.append(name)
-    if now["kernel"] != base.get("kernel"):
-        print(f"note: kernel path {now['kernel']} here, {base.get('kernel')} in the baseline")
     print(f"({time.perf_counter() - t0:.0f} s)")
     return failed
 

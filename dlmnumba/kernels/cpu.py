@@ -4,7 +4,15 @@ from __future__ import annotations
 import functools
 import os
 
-import numba
+# Threads waiting for the next parallel loop sleep instead of spinning (OpenMP, numba's
+# threading layer here; set before numba starts it, and only when the user has not).  A forward
+# pass is a chain of short parallel loops, each waiting for its slowest thread: with one core
+# taken by another program, spinning waiters took the time the shared core's thread needed.
+# `dlmnumba bench --max-tokens 128` on a 2-core Intel Xeon beside a busy loop: 20.3 tok/s
+# spinning (90.7 idle), 57.1 passive (94.7 idle): python bench/contention.py.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import numba  # noqa: E402
 
 # Every kernel is cached on disk (first run compiles, later runs load) and releases the GIL.
 jit = functools.partial(numba.njit, cache=True, nogil=True)

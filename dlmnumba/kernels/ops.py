@@ -82,11 +82,21 @@ def _sum_squares(x):
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]))
 
 
-# max is exact in any order for non-NaN values, so letting LLVM vectorize it changes nothing
+# max is exact in any order for non-NaN values, so 16 partial maxima (which LLVM turns into
+# one vector register; the plain running max it left scalar: 5x slower) change nothing
 @jit(fastmath={"nnan"})
 def _absmax(x, floor):
+    n = x.shape[0]
+    n16 = n - n % 16
+    lanes = np.full(16, np.float32(floor), np.float32)
+    for i in range(0, n16, 16):
+        for j in range(16):
+            v = abs(x[i + j])
+            lanes[j] = v if v > lanes[j] else lanes[j]
     amax = np.float32(floor)
-    for i in range(x.shape[0]):
+    for j in range(16):
+        amax = max(amax, lanes[j])
+    for i in range(n16, n):
         amax = max(amax, abs(x[i]))
     return amax
 
