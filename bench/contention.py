@@ -2,10 +2,11 @@
 
     python bench/contention.py [--rounds 2] [--iterations 5] [--max-tokens 128]
 
-Each round runs `dlmnumba bench` (the built-in default model) once idle and once beside a
-busy loop pinned to one core (a separate process that stops by itself after --busy-seconds),
-with the default wait policy (waiting threads sleep: dlmnumba/kernels/cpu.py) and with
-OMP_WAIT_POLICY=active (spinning waiters, the OpenMP default before).  Prints tok/s and the
+Each round runs `dlmnumba bench` (the built-in default model; greedy, and `--mode ar` with 32
+tokens) once idle and once beside a busy loop pinned to one core (a separate process that stops
+by itself after --busy-seconds), with the default wait policy (waiting threads spin 10,000
+times, then sleep: dlmnumba/kernels/cpu.py), with libgomp's own default (a long spin:
+GOMP_SPINCOUNT=300000) and with OMP_WAIT_POLICY=passive (sleep at once).  Prints tok/s and the
 busy / idle ratio of each; the machine must otherwise be idle.
 """
 from __future__ import annotations
@@ -25,11 +26,11 @@ BUSY = ("import os, sys, time\n"
         "    pass\n")
 
 
-def bench(env: dict, iterations: int, max_tokens: int) -> float:
+def bench(env: dict, iterations: int, max_tokens: int, extra: tuple = ()) -> float:
     """tok/s of one `dlmnumba bench` run."""
     p = subprocess.run([sys.executable, "-m", "dlmnumba", "bench", "--max-tokens",
-                        str(max_tokens), "--iterations", str(iterations), "--warmup", "2"],
-                       env=env, capture_output=True, text=True, timeout=1800)
+                        str(max_tokens), "--iterations", str(iterations), "--warmup", "2",
+                        *extra], env=env, capture_output=True, text=True, timeout=1800)
     found = re.search(r"Tokens/sec:\s+([\d.]+)", p.stdout)
     if p.returncode or not found:
         raise SystemExit(f"dlmnumba bench failed: {p.stderr[-2000:]}")
@@ -44,26 +45,29 @@ def main() -> None:
     ap.add_argument("--busy-seconds", type=float, default=120.0)
     args = ap.parse_args()
     core = sorted(os.sched_getaffinity(0))[-1]
-    policies = {"passive (default)": {}, "active (spinning)": {"OMP_WAIT_POLICY": "active"}}
-    got: dict[str, dict[str, list[float]]] = {k: {"idle": [], "busy": []} for k in policies}
+    policies = {"default (10,000 spins)": {}, "libgomp default spin": {"GOMP_SPINCOUNT": "300000"},
+                "passive": {"OMP_WAIT_POLICY": "passive"}}
+    modes = {"greedy": (args.max_tokens, ()), "ar": (32, ("--mode", "ar"))}
+    got = {(p, mo): {"idle": [], "busy": []} for p in policies for mo in modes}
     for _ in range(args.rounds):
-        for name, extra in policies.items():
-            env = {**os.environ, **extra}
-            got[name]["idle"].append(bench(env, args.iterations, args.max_tokens))
+        for (name, mode), r in got.items():
+            env = {**os.environ, **policies[name]}
+            tokens, extra = modes[mode]
+            r["idle"].append(bench(env, args.iterations, tokens, extra))
             busy = subprocess.Popen([sys.executable, "-c", BUSY, str(core),
                                      str(args.busy_seconds)])
             try:
                 time.sleep(0.5)
-                got[name]["busy"].append(bench(env, args.iterations, args.max_tokens))
+                r["busy"].append(bench(env, args.iterations, tokens, extra))
             finally:
                 busy.kill()
                 busy.wait()
-    print(f"dlmnumba bench --max-tokens {args.max_tokens}, {args.rounds} rounds, busy loop on "
-          f"core {core}:")
-    for name, r in got.items():
+    print(f"dlmnumba bench (greedy: --max-tokens {args.max_tokens}; ar: 32 tokens), "
+          f"{args.rounds} rounds, busy loop on core {core}:")
+    for (name, mode), r in got.items():
         idle, busy = statistics.median(r["idle"]), statistics.median(r["busy"])
-        print(f"  {name:<20} idle {idle:7.2f} tok/s  busy {busy:7.2f} tok/s  "
-              f"x{busy / idle:.2f}  (runs: idle {r['idle']}, busy {r['busy']})")
+        print(f"  {mode:<7}{name:<24} idle {idle:7.2f} tok/s  busy {busy:7.2f} tok/s  "
+              f"x{busy / idle:.2f}")
 
 
 if __name__ == "__main__":

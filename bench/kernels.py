@@ -1,6 +1,13 @@
 """GMAC/s of the matmul kernels on BitNet 2B-4T's shapes, next to this chip's measured int8 peak.
 
     python bench/kernels.py [--threads N] [--kernel vnni512|vnni256|avx2|portable] [--quick]
+    python bench/kernels.py --crossover [--ms 2,4,8,16,24,32,65]   # small vs block kernel
+
+The matmul rows also give GB/s of packed weights read (from cache: one matrix again and again);
+`--crossover` times the small-batch and the block kernel on 30 layers' gate|up and down
+matrices (398 MB: from memory, as in a forward pass) at each M, next to the machine's read
+bandwidth measured in the same run (a parallel sum over 1 GB): the numbers behind
+kernels/ternary.py's SMALL_MAX_ROWS.
 
 The peak is the matmul's own register tile (6 tokens x 4 weight vectors of vpdpbusd on the
 vnni512 path) looping over L1-resident rows, one per thread, measured in the same run.  Medians
@@ -91,6 +98,67 @@ def measure_peak(path: str, threads: int, seconds: float = 1.0) -> float:
     return threads * reps * 6 * 16 * n_vec * PEAK_K / best / 1e9
 
 
+@numba.njit(parallel=True, cache=True)
+def _read_sum(a, n_threads):
+    # sum of a uint64 array, one contiguous share per thread: memory read bandwidth
+    total = np.zeros(n_threads, np.uint64)
+    n = a.shape[0]
+    for t in prange(n_threads):
+        acc = np.uint64(0)
+        for i in range(t * n // n_threads, (t + 1) * n // n_threads):
+            acc += a[i]
+        total[t] = acc
+    return total.sum()
+
+
+def read_bandwidth(threads: int, mb: int = 1024) -> float:
+    """GB/s of a parallel sum over `mb` MB (best of 5)."""
+    a = np.ones(mb * (1 << 20) // 8, np.uint64)
+    _read_sum(a, threads)
+    return a.nbytes / min(timed_once(lambda: _read_sum(a, threads)) for _ in range(5)) / 1e9
+
+
+def timed_once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def crossover(path: str, threads: int, ms: list[int]) -> None:
+    """Small-batch vs block kernel on 30 layers of gate|up and down, from memory."""
+    from dlmnumba.kernels.ternary import matmul_kernel
+
+    rng = np.random.default_rng(0)
+    base = {(k, n): pack_codes(rng.integers(0, 3, (n, k), dtype=np.uint8))
+            for k, n in ((E, 2 * FF), (FF, E))}
+    mats = [(k, n, base[k, n].copy()) for _ in range(30) for k, n in base]
+    total = sum(p.nbytes for _, _, p in mats)
+    bw = read_bandwidth(threads)
+    block = {"amx": "amx", "portable": "grouped"}.get(path, "block")
+    print(f"{total / 1e6:.0f} MB of packed weights, read bandwidth {bw:.1f} GB/s; path {path}, "
+          f"{threads} threads; ms per pass over all of them (GB/s)")
+    print(f"{'M':>4}{'small':>18}{'block':>18}   picked")
+    for m in ms:
+        mp = -(-m // M_ALIGN) * M_ALIGN
+        ops = {}
+        for k in (E, FF):
+            q = np.zeros((mp, padded_k(k)), np.int8)
+            q[:m, :k] = rng.integers(-128, 128, (m, k))
+            ops[k] = (q, q.astype(np.int32).sum(1).astype(np.int32))
+        outs = {n: np.empty((m, n), np.float32) for n in (E, 2 * FF)}
+        scales = {n: np.ones((n, 1), np.float32) for n in (E, 2 * FF)}
+        xs = np.ones(m, np.float32)
+        cells = []
+        for kernel in ("small", block):
+            def run():
+                for k, n, p in mats:
+                    ternary_matmul(outs[n], ops[k][0], ops[k][1], xs, p, scales[n], k, path,
+                                   kernel)
+            dt = timed(run, 5)
+            cells.append(f"{dt * 1e3:8.1f} ({total / dt / 1e9:4.1f})")
+        print(f"{m:>4}{cells[0]:>18}{cells[1]:>18}   {matmul_kernel(path, m)}")
+
+
 def timed(fn, repeats: int) -> float:
     fn()
     ts = []
@@ -106,16 +174,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kernel", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    ap.add_argument("--crossover", action="store_true",
+                    help="small-batch vs block kernel from memory, at --ms")
+    ap.add_argument("--ms", default="2,4,8,16,24,32,65")
     args = ap.parse_args()
     threads = set_threads(args.threads)
     path = select_path(args.kernel)
+    if args.crossover:
+        crossover(path, threads, [int(x) for x in args.ms.split(",")])
+        return
     peak = measure_peak(path, threads)
     print(f"kernel path {path}, {threads} threads; measured int8 peak (register-only "
           f"{'vpdpbusd' if path.startswith('vnni') else path} tile): {peak:.1f} GMAC/s\n")
     rng = np.random.default_rng(0)
-    ms = (1, 65) if args.quick else (1, 20, 65, 128)
+    ms = (1, 8, 65) if args.quick else (1, 2, 4, 8, 16, 32, 65)
     repeats = 3 if args.quick else 7
-    print(f"{'matrix':<16}{'K':>6}{'N':>8}{'M':>5}{'ms':>10}{'GMAC/s':>9}{'% peak':>8}")
+    print(f"{'matrix':<16}{'K':>6}{'N':>8}{'M':>5}{'ms':>10}{'GMAC/s':>9}{'% peak':>8}"
+          f"{'GB/s':>8}")
     for name, k, n in (SHAPES[2:3] + SHAPES[4:] if args.quick else SHAPES):
         packed = pack_codes(rng.integers(0, 3, (n, k), dtype=np.uint8))
         scales = np.ones((n, 1), np.float32)
@@ -129,7 +204,8 @@ def main() -> None:
             dt = timed(lambda: ternary_matmul(out, q, qsum, xs, packed, scales, padded_k(k),
                                               path), repeats)
             g = m * k * n / dt / 1e9
-            print(f"{name:<16}{k:>6}{n:>8}{m:>5}{dt * 1e3:>10.2f}{g:>9.1f}{100 * g / peak:>7.0f}%")
+            print(f"{name:<16}{k:>6}{n:>8}{m:>5}{dt * 1e3:>10.2f}{g:>9.1f}{100 * g / peak:>7.0f}%"
+                  f"{packed.nbytes / dt / 1e9:>8.1f}")
     # LM head: int8 (VNNI) and exact F16, fused argmax as greedy decoding runs them
     rows = rng.integers(-127, 128, (-(-VOCAB // LM_ROWS) * LM_ROWS, E), dtype=np.int8)
     e_inv = np.ones(VOCAB, np.float32)

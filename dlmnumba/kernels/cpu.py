@@ -4,13 +4,17 @@ from __future__ import annotations
 import functools
 import os
 
-# Threads waiting for the next parallel loop sleep instead of spinning (OpenMP, numba's
-# threading layer here; set before numba starts it, and only when the user has not).  A forward
-# pass is a chain of short parallel loops, each waiting for its slowest thread: with one core
-# taken by another program, spinning waiters took the time the shared core's thread needed.
-# `dlmnumba bench --max-tokens 128` on a 2-core Intel Xeon beside a busy loop: 20.3 tok/s
-# spinning (90.7 idle), 57.1 passive (94.7 idle): python bench/contention.py.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# Threads waiting for the next parallel loop spin only briefly, then sleep (OpenMP, numba's
+# threading layer here; set before numba starts it, and only what the user has not set).  A
+# forward pass is a chain of short parallel loops, each waiting for its slowest thread: with one
+# core taken by another program, long-spinning waiters took the time the shared core's thread
+# needed; sleeping at once costs a wake-up per loop, which an `ar` token (300 loops) feels.
+# 2-core Intel Xeon (bench/contention.py): default bench beside a busy loop 20-36 tok/s with
+# libgomp's default spin (91-97 idle), 48-49 with 10,000 spins (91-93 idle); `ar` 24.6 tok/s
+# spinning, 23.7 with 10,000 spins, 14.7 sleeping at once (OMP_WAIT_POLICY=passive).
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # GNU libgomp
+    os.environ.setdefault("KMP_BLOCKTIME", "1")  # Intel's OpenMP: ms of spinning
 
 import numba  # noqa: E402
 

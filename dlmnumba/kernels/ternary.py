@@ -32,14 +32,14 @@ K_CHUNK = 1024  # k per pass over a task's unpacked codes (64 KiB: stay in L2 be
 VEC_BLOCKS = 8  # 16-row blocks per parallel task of the single-token mat-vec
 # most tokens the small-batch kernel (ternary_matmul_small: packed bytes read once, unpacked in
 # registers) runs on each path; above, the block kernel (AMX tiles on 'amx').  Measured with
-# bench/kernels.py --crossover on a 2-core Intel Xeon (AMX), 2 threads, the 2B-4T gate|up and
-# down matrices of 30 layers (398 MB, from memory), ms small / block: amx 49.8 / 62.5 at 16
-# tokens, 66.8 / 66.7 at 20, 73.4 / 64.0 at 24; vnni512 (no AMX) 54.9 / 86.4 at 16, 102.7 /
-# 132.8 at 32, 195.4 / 231.7 at 65; vnni256 87.2 / 96.3 at 16, 125.9 / 129.4 at 24; avx2
-# 126.1 / 137.3 at 16, 192.3 / 202.3 at 24.  Either kernel computes the same integers.  The
-# SIMD paths switch at 16 although the small kernel still led beyond it here: the AMD machines
-# (vnni512 without AMX, where the block kernel was tuned) were not measured, and block passes
-# (17+ tokens) keep the kernel they were tuned on there.
+# `python bench/kernels.py --crossover --kernel PATH` on a 2-core Intel Xeon (AMX), 2 threads,
+# the 2B-4T gate|up and down matrices of 30 layers (398 MB, from memory), ms small / block:
+# amx 49.8 / 62.5 at 16 tokens, 66.8 / 66.7 at 20, 73.4 / 64.0 at 24; vnni512 (no AMX) 54.9 /
+# 86.4 at 16, 102.7 / 132.8 at 32, 195.4 / 231.7 at 65; vnni256 87.2 / 96.3 at 16, 125.9 /
+# 129.4 at 24; avx2 126.1 / 137.3 at 16, 192.3 / 202.3 at 24.  Either kernel computes the same
+# integers.  The SIMD paths switch at 16 although the small kernel still led beyond it here:
+# the AMD machines (vnni512 without AMX, where the block kernel was tuned) were not measured,
+# and block passes (17+ tokens) keep the kernel they were tuned on there.
 SMALL_MAX_ROWS = {"amx": 16, "vnni512": 16, "vnni256": 16, "avx2": 16, "portable": 64}
 AMX_MIN_ROWS = SMALL_MAX_ROWS["amx"] + 1  # fewest tokens the 'amx' path runs on tiles
 
