@@ -124,6 +124,15 @@ def test_rope_neox(n_rot):
     assert np.array_equal(y[..., n_rot:], x[..., n_rot:])  # partial rotary leaves the rest
 
 
+def keys_t(kc, fill=0.0):
+    """Keys [..., C, D] in the KV cache's layout: transposed [..., D, C16], C16 = C rounded up
+    to the tiles' 16-key group (the extra slots hold `fill`)."""
+    c, d = kc.shape[-2:]
+    out = np.full(kc.shape[:-2] + (d, -(-c // 16) * 16), fill, np.float32)
+    out[..., :c] = np.swapaxes(kc, -1, -2)
+    return out
+
+
 def ref_attention(q, k, v, kpos, qpos, block, open_from=-1):
     """Dense float64 attention; the mask written out per (query, key): causal, or block
     (bidirectional inside aligned blocks), and with open_from >= 0 a bidirectional tail (a
@@ -157,7 +166,8 @@ def test_attention_masks(block):
     qpos = np.arange(n_keys - m, n_keys).astype(np.int32)  # the batch is the last m slots
     q = rng.standard_normal((m, h, d)).astype(np.float32)
     out = np.empty_like(q)
-    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, block, -1, np.float32(1 / np.sqrt(d)))
+    attn_k.attention(out, q, keys_t(kc), vc, kpos, n_keys, qpos, block, -1,
+                     np.float32(1 / np.sqrt(d)))
     ref = ref_attention(q, kc[:, :n_keys], vc[:, :n_keys], kpos[:n_keys], qpos, block)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     if block:  # block mask differs from causal: the first query of a block sees later ones
@@ -184,7 +194,8 @@ def test_attention_tiles(m, h, hkv, d, prefix, block):
     qpos = np.arange(prefix, n_keys).astype(np.int32)
     q = rng.standard_normal((m, h, d)).astype(np.float32)
     out = np.empty_like(q)
-    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, block, -1, np.float32(1 / np.sqrt(d)))
+    attn_k.attention(out, q, keys_t(kc, 1e30), vc, kpos, n_keys, qpos, block, -1,
+                     np.float32(1 / np.sqrt(d)))
     ref = ref_attention(q, kc[:, :n_keys], vc[:, :n_keys], kpos[:n_keys], qpos, block)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
@@ -207,14 +218,14 @@ def test_attention_bidirectional_tail(m, tail, hkv, d):
     open_from = prefix + m - tail
     scale = np.float32(1 / np.sqrt(d))
     out = np.empty_like(q)
-    attn_k.attention(out, q, kc, vc, kpos, n_keys, qpos, 0, open_from, scale)
+    attn_k.attention(out, q, keys_t(kc), vc, kpos, n_keys, qpos, 0, open_from, scale)
     ref = ref_attention(q, kc[:, :n_keys], vc[:, :n_keys], kpos[:n_keys], qpos, 0, open_from)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     assert not np.allclose(ref, ref_attention(q, kc[:, :n_keys], vc[:, :n_keys],
                                               kpos[:n_keys], qpos, 0))  # the tail matters
     causal_rows = m - tail
     alone = np.empty((causal_rows, h, d), np.float32)
-    attn_k.attention(alone, q[:causal_rows].copy(), kc, vc, kpos, n_keys - tail,
+    attn_k.attention(alone, q[:causal_rows].copy(), keys_t(kc), vc, kpos, n_keys - tail,
                      qpos[:causal_rows].copy(), 0, -1, scale)
     # bit-identical: the compiled tiles sum in key order (numpy's BLAS without the JIT does not)
     def same(a, b):
@@ -230,7 +241,7 @@ def test_attention_bidirectional_tail(m, tail, hkv, d):
     vc2 = rng.standard_normal((1, hkv, 9, d)).astype(np.float32)
     kp2 = np.arange(9, dtype=np.int32)
     both = np.empty((m + 5, h, d), np.float32)
-    attn_k.attention_many(both, np.concatenate([q, other_q]), List([kc[None], kc2]),
+    attn_k.attention_many(both, np.concatenate([q, other_q]), List([keys_t(kc[None]), keys_t(kc2)]),
                           List([vc[None], vc2]), List([kpos, kp2]),
                           np.array([n_keys, 9], np.int64), np.array([0, m, m + 5], np.int64),
                           np.concatenate([qpos, np.arange(4, 9, dtype=np.int32)]),

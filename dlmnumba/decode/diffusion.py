@@ -142,7 +142,7 @@ class DiffusionRequest(Request):
             return
         if not hasattr(self, "_bk"):
             c, n = self.cache, self.settings.block_size
-            self._bk = np.empty(c.k.shape[:2] + (n,) + c.k.shape[3:], np.float32)
+            self._bk = np.empty(c.v.shape[:2] + (n,) + c.v.shape[3:], np.float32)  # [L, H, n, D]
             self._bv = np.empty_like(self._bk)
             self._outside = np.ones(n, bool)
         first = self.cache.length - m

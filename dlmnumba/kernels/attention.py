@@ -20,30 +20,27 @@ WIDE = 64  # keys (scores) or value columns per wide tile (4 vectors of 16)
 def attention(out, q, k_cache, v_cache, key_pos, n_keys, query_pos, block_size, open_from,
               scale):
     # out[M, H, D] = softmax(q k^T * scale + mask) v over cache slots [0, n_keys)
-    # k_cache/v_cache[Hkv, C, D]; key_pos[C], query_pos[M] absolute positions.
+    # k_cache[Hkv, D, C] (keys transposed), v_cache[Hkv, C, D], C a multiple of LANES;
+    # key_pos[C], query_pos[M] absolute positions.
     # mask: causal (block_size 0) sees key_pos <= query_pos; block sees every key whose
     # block (pos // block_size) is not later than the query's: bidirectional inside a block.
     # open_from >= 0 (a bidirectional tail): a query at or after it sees every key (the tail's
     # positions see each other and everything before them; queries before it are unchanged).
-    # Each KV head's keys are transposed once (kt[D, keys]) so scores come out in vector lanes;
-    # per task (one KV head, up to Q_CHUNK queries) the `group` query heads sharing it run
-    # as the rows of register tiles (simd.f32_tile): scores = q kt, then values = p v.  Keys
-    # after the last one any of the task's queries can see are skipped.
+    # The cache holds each KV head's keys transposed (kt[D, slots]), so scores come out in
+    # vector lanes; per task (one KV head, up to Q_CHUNK queries) the `group` query heads
+    # sharing it run as the rows of register tiles (simd.f32_tile): scores = q kt, then
+    # values = p v.  Keys after the last one any of the task's queries can see are skipped
+    # (the slots past n_keys, up to the tile's 16-key group, are read and never used).
     m_rows, n_heads, d = q.shape
     n_kv = k_cache.shape[0]
     group = n_heads // n_kv
     n_chunks = (m_rows + Q_CHUNK - 1) // Q_CHUNK
     nk = (n_keys + LANES - 1) // LANES * LANES
-    kt = np.zeros((n_kv, d, nk), np.float32)
-    for kh in prange(n_kv):
-        for i in range(d):
-            for j in range(n_keys):
-                kt[kh, i, j] = k_cache[kh, j, i]
     for task in prange(n_kv * n_chunks):
         kh = task // n_chunks
         m0 = (task % n_chunks) * Q_CHUNK
-        _task(out, q, kt[kh], v_cache[kh], key_pos, n_keys, query_pos, block_size, open_from,
-              scale, kh, m0, min(m_rows, m0 + Q_CHUNK), group, nk)
+        _task(out, q, k_cache[kh], v_cache[kh], key_pos, n_keys, query_pos, block_size,
+              open_from, scale, kh, m0, min(m_rows, m0 + Q_CHUNK), group, nk)
 
 
 @pjit
@@ -51,7 +48,7 @@ def attention_many(out, q, k_caches, v_caches, key_pos, n_keys, rows, query_pos,
                    open_froms, scale, layer):
     # attention() for many sequences at once: sequence s owns the query rows
     # rows[s]:rows[s+1] of out/q/query_pos and the first n_keys[s] slots of its own cache
-    # (k_caches[s][layer], v_caches[s][layer]: [Hkv, C, D]; key_pos[s]: [C]), mask
+    # (k_caches[s][layer]: [Hkv, D, C], v_caches[s][layer]: [Hkv, C, D]; key_pos[s]: [C]), mask
     # block_sizes[s] and open_froms[s].  One parallel loop over (sequence, KV head); each runs attention()'s
     # per-task arithmetic on the same transposed keys, so every row is bit-identical to
     # attention() on its sequence alone -- without a thread-pool launch per sequence.
@@ -63,11 +60,7 @@ def attention_many(out, q, k_caches, v_caches, key_pos, n_keys, rows, query_pos,
         kh = task % n_kv
         nkeys = n_keys[s]
         nk = (nkeys + LANES - 1) // LANES * LANES
-        kc = k_caches[s][layer, kh]
-        kt = np.zeros((d, nk), np.float32)
-        for i in range(d):
-            for j in range(nkeys):
-                kt[i, j] = kc[j, i]
+        kt = k_caches[s][layer, kh]
         for m0 in range(rows[s], rows[s + 1], Q_CHUNK):
             _task(out, q, kt, v_caches[s][layer, kh], key_pos[s], nkeys, query_pos,
                   block_sizes[s], open_froms[s], scale, kh, m0, min(rows[s + 1], m0 + Q_CHUNK),

@@ -1,5 +1,10 @@
 """Per-sequence key/value cache: preallocated, grown by doubling, truncatable.
 
+Keys are stored transposed (k[layer, head, dim, slot]), so the attention kernels read each
+head's keys as the [dim, keys] operand of their score tiles as they are, with no copy per
+call; values as v[layer, head, slot, dim].  Capacity is a multiple of LANES (the tiles read
+keys in groups of 16).  `view` and `load` speak the plain [layer, head, slot, dim] form.
+
 The cache owns its writes: `append` (new slots of a forward pass), `write` (their K/V, layer by
 layer), `load` (K/V computed elsewhere: the prefix cache's pages, the dual cache's block) and
 `truncate` are the only code that changes `k`, `v`, `pos` or `length`
@@ -12,11 +17,14 @@ import numpy as np
 
 from ..gguf.spec import ModelSpec
 
+LANES = 16  # capacity granule: the score tiles' key group
+
 
 class KVCache:
     """K/V of every layer for one sequence; slot i holds the token at absolute position pos[i].
 
-    k, v: float32 [n_layer, n_head_kv, capacity, head_dim]; pos: int32 [capacity]."""
+    k: float32 [n_layer, n_head_kv, head_dim, capacity] (transposed); v: float32 [n_layer,
+    n_head_kv, capacity, head_dim]; pos: int32 [capacity]."""
 
     def __init__(self, spec: ModelSpec, capacity: int = 256):
         self.spec = spec
@@ -26,12 +34,13 @@ class KVCache:
 
     def _alloc(self, capacity: int) -> None:
         s = self.spec
-        shape = (s.n_layer, s.n_head_kv, capacity, s.head_dim)
-        k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        capacity = -(-capacity // LANES) * LANES
+        k = np.zeros((s.n_layer, s.n_head_kv, s.head_dim, capacity), np.float32)
+        v = np.zeros((s.n_layer, s.n_head_kv, capacity, s.head_dim), np.float32)
         pos = np.zeros(capacity, np.int32)
         if self.k is not None and self._length:
             n = self._length
-            k[:, :, :n], v[:, :, :n], pos[:n] = self.k[:, :, :n], self.v[:, :, :n], self.pos[:n]
+            k[..., :n], v[:, :, :n], pos[:n] = self.k[..., :n], self.v[:, :, :n], self.pos[:n]
         self.k, self.v, self.pos = k, v, pos
 
     @property
@@ -76,7 +85,7 @@ class KVCache:
         if not 0 <= first <= first + m <= self._length:
             raise ValueError(f"slots {first}..{first + m} are not in use (length "
                              f"{self._length})")
-        self.k[layer, :, first:first + m] = k.transpose(1, 0, 2)
+        self.k[layer, :, :, first:first + m] = k.transpose(1, 2, 0)
         self.v[layer, :, first:first + m] = v.transpose(1, 0, 2)
 
     def load(self, start: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
@@ -89,7 +98,7 @@ class KVCache:
             raise ValueError(f"K/V of {k.shape[2]}/{v.shape[2]} slots for {n} positions")
         self._length = start
         self.reserve(n)
-        self.k[:, :, start:start + n] = k
+        self.k[..., start:start + n] = k.transpose(0, 1, 3, 2)
         self.v[:, :, start:start + n] = v
         self.pos[start:start + n] = positions
         self._length = start + n
@@ -111,4 +120,4 @@ class KVCache:
         stop = self._length if stop is None else stop
         if not 0 <= start <= stop <= self._length:
             raise ValueError(f"slots {start}..{stop} are not in use (length {self._length})")
-        return self.k[:, :, start:stop], self.v[:, :, start:stop]
+        return self.k[..., start:stop].transpose(0, 1, 3, 2), self.v[:, :, start:stop]
