@@ -305,7 +305,7 @@ def main() -> None:
               f"  x{c['x_ar']:.2f} of an ar step")
     e2e = end_to_end(path, args.threads, args.iterations, schedules,
                      toy_schedule(args.schedule_examples))
-    print(f"\n2B-4T shape end to end, 128 tokens, the toy model's acceptance replayed:")
+    print("\n2B-4T shape end to end, 128 tokens, the toy model's acceptance replayed:")
     for name, r in e2e.items():
         print(f"  {name:<30}{r['tok_s']:>8.2f} tok/s  {r['tokens_per_pass']:>5.2f} tok/pass"
               f"  x{r['x_ar']:.2f} of ar")

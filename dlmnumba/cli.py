@@ -314,7 +314,7 @@ def bench(iterations, warmup, prompt, json_path, **opts) -> None:
         B.write_json(json_path, summary, B.environment_info(), settings)
 
 
-SERVE_KEYS = ("host", "port", "api_key", "max_request_bytes", "scheduler.max_sequences",
+SERVE_KEYS = ("host", "port", "api_key", "max_request_bytes", "openapi", "scheduler.max_sequences",
               "scheduler.max_waiting", "scheduler.enable_radix_cache",
               "scheduler.radix_cache_max_tokens", "cluster.backend", "cluster.replicas",
               "cluster.threads_per_replica", "cluster.max_replicas",

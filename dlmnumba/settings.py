@@ -121,6 +121,8 @@ SETTINGS_LIST: tuple[Setting, ...] = (
             check=NON_EMPTY),
     Setting("max_request_bytes", int, 1 << 20, "Largest HTTP request body accepted (413 "
             "beyond).", check=POSITIVE),
+    Setting("openapi", bool, True, "Serve the API's OpenAPI schema at /openapi.json (behind "
+            "the API key like every route but /health)."),
     Setting("threads", int, None, "Compute threads; unset (null) = physical cores.", nullable=True,
             check=at_least(1)),
     Setting("kernel", str, "auto", "int8 kernel instruction path: auto = the fastest this CPU "

@@ -150,7 +150,14 @@ BAD = [
     ("beyond context", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
      "context length"),
     ("empty messages", {"messages": []}, "messages"),
-    ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n = 1"),
+    ("n 0", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
+    ("n above 16", {"messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
+    ("17 stops", {"messages": [{"role": "user", "content": "hi"}], "stop": list("abcdefghijklmnopq")},
+     "at most 16"),
+    ("top_logprobs without logprobs", {"messages": [{"role": "user", "content": "hi"}],
+                                       "top_logprobs": 2}, "top_logprobs"),
+    ("top_logprobs 21", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                         "top_logprobs": 21}, "top_logprobs"),
     ("tools", {"messages": [{"role": "user", "content": "hi"}],
                "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("unknown field", {"messages": [{"role": "user", "content": "hi"}], "bogus": 1}, "bogus"),
@@ -215,6 +222,9 @@ def test_api_key(toy):
         assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}
                           ).status_code == 401
         assert httpx.get(srv.url + "/metrics").status_code == 401
+        assert httpx.get(srv.url + "/openapi.json").status_code == 401
+        assert httpx.get(srv.url + "/openapi.json",
+                         headers={"Authorization": "Bearer sekrit"}).status_code == 200
         assert httpx.get(srv.url + "/health").status_code == 200
         r = _client(srv, "sekrit").chat.completions.create(
             model="toy", messages=body["messages"], max_tokens=4)

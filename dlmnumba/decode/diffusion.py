@@ -48,15 +48,19 @@ class _Block:
     deferred: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     first_hidden: np.ndarray | None = None  # the first pass's hidden states predicting them
     fill: np.ndarray | None = None  # at the iteration cap: deferred positions whose head runs
+    # log-probabilities (when asked): of each committed position, of each best prediction
+    entry: dict = dataclasses.field(default_factory=dict)
+    best_entry: dict = dataclasses.field(default_factory=dict)
+    saved_entry: object = None
 
 
 class DiffusionRequest(Request):
     """Fast-dLLM v2 block decoding with a clean prefix cache, positions committed by a policy
     (see the module docstring)."""
 
-    def __init__(self, model, prompt, settings, mask_id, eog, cache=None):
+    def __init__(self, model, prompt, settings, mask_id, eog, cache=None, **kw):
         require_mask_token(model, mask_id, settings.mode)
-        super().__init__(model, prompt, settings, mask_id, eog, cache)
+        super().__init__(model, prompt, settings, mask_id, eog, cache, **kw)
         self.policy: Policy = POLICIES[settings.mode]
         self.mask = AttentionMask.parse(settings.attention, settings.block_size)
         self.tokens = list(self.prompt)  # prompt + every finished block
@@ -79,7 +83,8 @@ class DiffusionRequest(Request):
         b, s = self.block, self.settings
         if b.fill is not None:  # the iteration cap: the head of the deferred positions' rows
             return HeadPass(b.first_hidden[b.masked[b.deferred]],
-                            self._output(self._exact_confidence()), self.mask_id)
+                            self._output(self._exact_confidence()), self.mask_id,
+                            logprobs=self._wanted())
         sub = self.policy.sub_block(s)
         masked = np.flatnonzero(b.masked)
         cur = (b.pos + masked[0] - b.start) // sub  # the first sub-block with masks
@@ -114,7 +119,7 @@ class DiffusionRequest(Request):
     def _exact_confidence(self) -> bool:
         return self.policy.needs_confidence and EXACT_CONFIDENCE[self.settings.confidence]
 
-    def _cap_fill(self, b: _Block, tok: np.ndarray, conf: np.ndarray) -> None:
+    def _cap_fill(self, b: _Block, tok: np.ndarray, conf: np.ndarray, ents=None) -> None:
         """At the iteration cap: the first pass's predictions (tok, conf) of the deferred
         positions `b.fill` (their head run by a head pass, from its kept hidden states), where
         no later pass was more confident; then every remaining mask takes its best prediction.
@@ -123,6 +128,11 @@ class DiffusionRequest(Request):
         if pos is not None and pos.size:
             first = conf >= b.best_conf[pos]  # ties: the earlier pass
             b.best_tok[pos[first]], b.best_conf[pos[first]] = tok[first], conf[first]
+            if ents is not None:
+                for i in np.flatnonzero(first):
+                    b.best_entry[int(pos[i])] = ents[i]
+        for p in np.flatnonzero(b.masked):
+            b.entry[int(p)] = b.best_entry.get(int(p))
         b.tokens[b.masked] = b.best_tok[b.masked]
         b.masked[:] = False
 
@@ -156,21 +166,27 @@ class DiffusionRequest(Request):
     def _take(self, tok, conf):
         b, s = self.block, self.settings
         if b.fill is not None:  # the head pass of the iteration cap
-            self._cap_fill(b, tok, conf)
+            self._cap_fill(b, tok, conf, self._entries(range(len(tok)), tok))
             return self._end_block()
         self._save_block_kv(b.start, b.pos0, len(self._last.tokens))
         if len(self._last.keep):
             b.first_hidden = self._last.kept
         self.cache.truncate(b.start)  # K/V from the block start on saw masks: drop them
+        ents = self._entries(range(len(tok)), tok)  # log-probabilities of this pass's rows
         if not b.in_pass.all():  # only the row before the block start can precede the pass
             tok, conf = np.concatenate([b.saved[0], tok]), np.concatenate([b.saved[1], conf])
+            ents = None if ents is None else [b.saved_entry] + ents
         elif b.first and self.shift and b.pos == b.start and b.pos0 < b.start:
             b.saved = (tok[:1].copy(), conf[:1].copy())
+            b.saved_entry = None if ents is None else ents[0]
         b.first = False
         b.passes += 1
         idx = b.idx
         better = conf > b.best_conf[idx]
         b.best_tok[idx[better]], b.best_conf[idx[better]] = tok[better], conf[better]
+        if ents is not None:
+            for i in np.flatnonzero(better):
+                b.best_entry[int(idx[i])] = ents[i]
         # refine the first sub-block (aligned at absolute positions) that still has masks
         sub_of = (b.pos + idx - b.start) // self.policy.sub_block(s)
         cur = sub_of == sub_of.min()
@@ -179,6 +195,9 @@ class DiffusionRequest(Request):
         chosen = self.policy.commit(conf[cur], b.step, s)
         commit = idx[cur][chosen]
         b.tokens[commit] = tok[cur][chosen]
+        if ents is not None:
+            for i in np.flatnonzero(cur)[chosen]:
+                b.entry[int(idx[i])] = ents[i]
         b.masked[commit] = False
         b.step += 1
         done = not b.masked.any()
@@ -189,7 +208,7 @@ class DiffusionRequest(Request):
             b.fill = b.deferred[b.masked[b.deferred]]
             if b.fill.size:
                 return []  # their first-pass head is the next pass (a head pass)
-            self._cap_fill(b, tok[:0], conf[:0])
+            self._cap_fill(b, tok[:0], conf[:0], [])
             done = True
         if not done:
             return []
@@ -201,7 +220,9 @@ class DiffusionRequest(Request):
         new = [int(t) for t in b.tokens]
         self.tokens += new
         self.block = None
-        return self._emit(new)
+        entries = (None if self.logprobs_k is None
+                   else [b.entry.get(i) for i in range(len(new))])
+        return self._emit(new, entries)
 
     def _stopped(self, b: _Block) -> bool:
         """Whether a committed end-of-generation token has every position before it decided."""

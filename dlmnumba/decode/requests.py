@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DecodeError
-from ..model.batch import CAUSAL_MASK, AttentionMask, Output, Pass, Segment
+from ..model.batch import CAUSAL_MASK, AttentionMask, Logprobs, LogprobsWanted, Output, Pass, Segment
 from .strategies import pick_tokens
 
 _IDS = itertools.count(1)
@@ -47,6 +47,38 @@ class RequestStats:
         return self.generated_tokens / max(1, self.forward_passes)
 
 
+MAX_TOP_LOGPROBS = 20  # most alternatives a request may ask per token (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A committed (or prompt) token's log-probability under the exact LM head, and the most
+    likely alternatives at its position: ((token, logprob), ...), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(lp: Logprobs, row: int, token: int, k: int,
+                  logits: np.ndarray | None = None) -> TokenLogprob:
+    """The entry of `token` at `row` of a pass's Logprobs (k alternatives).  The token is one
+    of the row's top ones (an argmax: the first, or one tied with it), else its logit comes
+    from `logits` (a sampled token)."""
+    top = tuple((int(t), float(v)) for t, v in zip(lp.top_ids[row, :k], lp.top_lps[row, :k]))
+    try:
+        value = lp.of(row, token)
+    except KeyError:
+        if logits is not None:
+            z = logits[row].astype(np.float64)
+            z = z[np.isfinite(z)] if not np.isfinite(z[token]) else z
+            mx = z.max()
+            value = float(logits[row, token] - (mx + np.log(np.exp(z - mx).sum())))
+        else:  # an argmax tied with the head's first pick: the same logit
+            value = float(lp.top_lps[row, 0])
+    return TokenLogprob(int(token), value, top)
+
+
 def check_context(n_prompt: int, max_tokens: int, n_ctx: int, field: str = "max_tokens"
                   ) -> None:
     """The one context-length rule: the prompt plus max_tokens (given as `field`) fit the
@@ -64,7 +96,8 @@ class Request:
     `eog` are the model's end-of-generation tokens (none when settings.ignore_eos)."""
 
     def __init__(self, model, prompt: list[int], settings, mask_id: int | None,
-                 eog: frozenset[int], cache=None):
+                 eog: frozenset[int], cache=None, logprobs: int | None = None,
+                 echo: bool = False):
         self.id = next(_IDS)
         self.t0 = time.perf_counter()
         self.prompt = [int(t) for t in prompt]
@@ -90,6 +123,25 @@ class Request:
         self._ttft = self._latency = 0.0
         self._finish_reason: str | None = None
         self._drafted = self._accepted = 0  # spec's draft tokens verified and accepted
+        # log-probabilities: of each committed token (k alternatives), and with echo of the
+        # prompt's tokens (one causal scoring pass first, on a cache of its own)
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise DecodeError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}",
+                              "logprobs")
+        self.logprobs_k = logprobs
+        self.out_logprobs: list[TokenLogprob | None] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self._scoring = None
+        if echo and logprobs is not None:
+            n = len(self.prompt)
+            if n == 1:
+                self.prompt_logprobs = [None]
+            else:
+                self._scoring = Segment(
+                    self.prompt, model.new_cache(n), np.arange(n, dtype=np.int32),
+                    CAUSAL_MASK, list(range(n - 1)), Output.HIDDEN, mask_id,
+                    logprobs=LogprobsWanted(max(1, logprobs),
+                                            np.asarray(self.prompt[1:], np.int64)))
 
     @property
     def stats(self) -> RequestStats:
@@ -106,7 +158,7 @@ class Request:
         if self.finished:
             return None
         if self._pass is None:
-            self._pass = self._plan()
+            self._pass = self._scoring if self._scoring is not None else self._plan()
             self.started = True
         return self._pass
 
@@ -119,10 +171,21 @@ class Request:
         self._last = seg  # the pass being fed
         if len(seg.tokens):  # a pass through the layers (a head-only pass is not one)
             self._passes += 1
+        if seg is self._scoring:  # echo: the prompt's log-probabilities, then decoding
+            self._scoring = None
+            lp, k = seg.logprobs_out, self.logprobs_k
+            self.prompt_logprobs = [None] + [
+                TokenLogprob(int(t), float(lp.target_lps[i]),
+                             tuple((int(a), float(b)) for a, b in
+                                   zip(lp.top_ids[i, :k], lp.top_lps[i, :k])))
+                for i, t in enumerate(self.prompt[1:])]
+            return []
+        self._last_logits = None
         if seg.output is Output.LOGITS:
             logits = result
             if self.mask_id is not None:  # committing a mask token would be meaningless
                 logits[:, self.mask_id] = -np.inf
+            self._last_logits = logits
             tok, conf = pick_tokens(logits, self.settings.sampling, self.rng)
         else:
             tok, conf = result
@@ -163,16 +226,32 @@ class Request:
     def _segment(self, tokens: list[int], pos0: int, mask: AttentionMask, rows,
                  exact_confidence: bool = False) -> Segment:
         return Segment(tokens, self.cache, np.arange(pos0, pos0 + len(tokens), dtype=np.int32),
-                       mask, rows, self._output(exact_confidence), self.mask_id)
+                       mask, rows, self._output(exact_confidence), self.mask_id,
+                       logprobs=self._wanted())
 
-    def _emit(self, new: list[int]) -> list[int]:
-        """Commit decided tokens: exact max_tokens cap, cut after an end-of-generation token."""
+    def _wanted(self) -> LogprobsWanted | None:
+        """What the passes ask for besides the output: alternatives per row, if logprobs."""
+        return None if self.logprobs_k is None else LogprobsWanted(max(1, self.logprobs_k))
+
+    def _entries(self, rows, tokens) -> list[TokenLogprob] | None:
+        """The log-probability entries of `tokens` at rows `rows` of the pass being fed."""
+        if self.logprobs_k is None:
+            return None
+        lp = self._last.logprobs_out
+        return [token_logprob(lp, int(r), int(t), self.logprobs_k, self._last_logits)
+                for r, t in zip(rows, tokens)]
+
+    def _emit(self, new: list[int], entries: list | None = None) -> list[int]:
+        """Commit decided tokens: exact max_tokens cap, cut after an end-of-generation token;
+        `entries` their log-probabilities (when the request asks for them)."""
         new = new[: self.settings.max_tokens - len(self.out)]
         stop = next((i for i, t in enumerate(new) if t in self.eog), None)
         if stop is not None:
             new = new[: stop + 1]
         if new and not self.out:
             self._ttft = time.perf_counter() - self.t0
+        if self.logprobs_k is not None:
+            self.out_logprobs += (entries or [None] * len(new))[:len(new)]
         self.out += new
         if stop is not None:
             self._finish("stop")
@@ -208,7 +287,7 @@ class ARRequest(Request):
         t = int(tok[0])
         self._pos += len(self._feed)
         self._feed = [t]
-        return self._emit([t])
+        return self._emit([t], self._entries([0], [t]))
 
 
 class SeedReplayRequest(Request):
@@ -217,8 +296,8 @@ class SeedReplayRequest(Request):
     cache slot at p-1 (at first the last prompt token's, later the previous block's last
     mask) and leaves every other mask's stale K/V in place."""
 
-    def __init__(self, model, prompt, settings, mask_id, eog, cache=None):
-        super().__init__(model, prompt, settings, mask_id, eog, cache)
+    def __init__(self, model, prompt, settings, mask_id, eog, cache=None, **kw):
+        super().__init__(model, prompt, settings, mask_id, eog, cache, **kw)
         self.mask = AttentionMask.parse(settings.attention, settings.block_size)
         self._prev: int | None = None
         self._p = len(self.prompt)
@@ -236,7 +315,7 @@ class SeedReplayRequest(Request):
         if self._prev is not None:
             self._p += self.settings.block_size
         self._prev = new[-1]
-        return self._emit(new)
+        return self._emit(new, self._entries(range(len(new)), new))
 
     def pending(self):
         return []  # the stale cache is never continued

@@ -90,9 +90,9 @@ class SpecRequest(Request):
 
     mask = CAUSAL_MASK  # what its cache holds: causal K/V of real tokens (prefix-cache pages)
 
-    def __init__(self, model, prompt, settings, mask_id, eog, cache=None):
+    def __init__(self, model, prompt, settings, mask_id, eog, cache=None, **kw):
         require_mask_token(model, mask_id, settings.mode)
-        super().__init__(model, prompt, settings, mask_id, eog, cache)
+        super().__init__(model, prompt, settings, mask_id, eog, cache, **kw)
         self.policy = DRAFT_POLICIES[settings.draft_policy]
         self.draft: list[int] = []  # tokens proposed for the positions after the output
         self.history: list[tuple[int, int]] = []  # (drafted, accepted) per verified draft
@@ -126,7 +126,8 @@ class SpecRequest(Request):
         picks = [int(t) for t in tok[:k + 1]]  # what ar commits at the next k + 1 positions
         j = self._accept(draft, picks)
         self.draft = [int(t) for t in tok[k + 1:]] if j == k else []
-        new = self._emit(draft[:j] + [picks[j]])  # (cut at a stop token, at max_tokens)
+        new = self._emit(draft[:j] + [picks[j]],  # (cut at a stop token, at max_tokens)
+                         self._entries(range(j + 1), picks[:j + 1]))
         kept = min(j, len(new))  # accepted drafts that were committed
         # exact causal K/V: the tokens the cache lacked and the committed drafts; cut the rest
         self.cache.truncate(self._n_cached + kept)

@@ -52,7 +52,7 @@ def attention_many(out, q, k_caches, v_caches, key_pos, n_keys, rows, query_pos,
     # block_sizes[s] and open_froms[s].  One parallel loop over (sequence, KV head); each runs attention()'s
     # per-task arithmetic on the same transposed keys, so every row is bit-identical to
     # attention() on its sequence alone -- without a thread-pool launch per sequence.
-    n_heads, d = q.shape[1], q.shape[2]
+    n_heads = q.shape[1]
     n_kv = k_caches[0].shape[1]
     group = n_heads // n_kv
     for task in prange(len(k_caches) * n_kv):

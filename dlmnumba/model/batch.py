@@ -97,6 +97,10 @@ class Segment:
     # for an LM head the caller may run later (forward_batch sets `kept`: [len(keep), n_embd])
     keep: Sequence[int] = ()
     kept: np.ndarray | None = None
+    # log-probabilities of the wanted rows besides the output (forward_batch sets
+    # `logprobs_out`): what the request asks for, or None
+    logprobs: "LogprobsWanted | None" = None
+    logprobs_out: "Logprobs | None" = None
 
     def row_indices(self, m: int) -> np.ndarray:
         """The wanted rows as indices into this segment's m tokens."""
@@ -119,6 +123,8 @@ class HeadPass:
     hidden: np.ndarray
     output: Output = Output.ARGMAX_EXACT
     exclude: int | None = None  # token never picked by ARGMAX outputs (the mask token)
+    logprobs: "LogprobsWanted | None" = None
+    logprobs_out: "Logprobs | None" = None
     tokens = ()  # no rows through the layers
 
     def __post_init__(self):
@@ -127,6 +133,33 @@ class HeadPass:
 
 
 Pass = Segment | HeadPass  # what a request asks the model for in one engine step
+
+
+@dataclass(frozen=True)
+class LogprobsWanted:
+    """Per wanted row: the `top` most likely tokens and their log-probabilities, and (targets:
+    one token id per row, or None) the log-probability of a given token."""
+
+    top: int = 1
+    targets: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """Log-probabilities of R rows under the exact LM head (log-softmax over the vocabulary,
+    the excluded token left out): top_ids/top_lps [R, top] most likely first (ties: lower id
+    first), target_lps [R] (NaN where no target was asked)."""
+
+    top_ids: np.ndarray
+    top_lps: np.ndarray
+    target_lps: np.ndarray
+
+    def of(self, row: int, token: int) -> float:
+        """The log-probability of `token` at `row`: one of the top tokens (or the target)."""
+        hit = np.flatnonzero(self.top_ids[row] == token)
+        if hit.size:
+            return float(self.top_lps[row, hit[0]])
+        raise KeyError(f"token {token} is not among row {row}'s top {self.top_ids.shape[1]}")
 
 
 def _indices(rows, m: int, what: str) -> np.ndarray:

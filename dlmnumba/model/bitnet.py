@@ -26,7 +26,7 @@ from ..kernels.cpu import set_threads
 from ..kernels.dispatch import select_path
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .batch import AttentionMask, HeadPass, Output, Pass, Segment
-from .heads import HEAD_KINDS, LMHead, make_head
+from .heads import HEAD_KINDS, LMHead, head_logprobs, make_head
 from .kv_cache import KVCache
 from .weights import Weights, load_weights
 
@@ -82,8 +82,14 @@ class Model:
     def check_tokens(self, tokens, field: str | None = None) -> np.ndarray:
         """tokens as int64 ids, if every one is in the vocabulary; else a TokenRangeError
         naming `field` (the one check of token ids: prompts, detokenize, mask_token_id)."""
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = self.n_vocab
+        try:
+            ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        except OverflowError:  # an id beyond int64
+            bad = next(t for t in tokens if not -2**63 <= int(t) < 2**63)
+            what = f"{field} token id" if field else "token id"
+            raise TokenRangeError(f"{what} {bad} is outside the vocabulary (0..{n - 1})",
+                                  field) from None
         bad = ids[(ids < 0) | (ids >= n)]
         if bad.size:
             what = f"{field} token id" if field else "token id"
@@ -309,6 +315,10 @@ class Model:
             else:
                 key = (p.output, p.exclude if p.output is not Output.LOGITS else None)
                 groups.setdefault(key, []).append(i)
+        for i, p in enumerate(passes):
+            if p.logprobs is not None:
+                p.logprobs_out = head_logprobs(self.head, hidden[i], p.exclude, p.logprobs.top,
+                                               p.logprobs.targets)
         for (kind, exclude), members in groups.items():
             hg = np.ascontiguousarray(np.concatenate([hidden[i] for i in members]))
             if kind is Output.LOGITS:

@@ -147,6 +147,39 @@ class Int8LMHead(LMHead):
         return tok, conf
 
 
+LOGPROB_ROWS = 32  # rows of full logits materialised at a time (32 x 128k floats: 16 MB)
+
+
+def head_logprobs(head: LMHead, h: np.ndarray, exclude: int | None, top: int,
+                  targets: np.ndarray | None = None):
+    """model.batch.Logprobs of final hidden states h[R, n_embd] under `head`'s logits: a
+    log-softmax in float64 over the vocabulary (token `exclude` left out), `top` most likely
+    tokens per row (ties: lower id first), and the log-probability of targets[r] per row."""
+    from .batch import Logprobs
+
+    r = h.shape[0]
+    top = max(1, int(top))
+    ids = np.empty((r, top), np.int64)
+    lps = np.empty((r, top), np.float64)
+    tgt = np.full(r, np.nan)
+    for c0 in range(0, r, LOGPROB_ROWS):
+        c1 = min(r, c0 + LOGPROB_ROWS)
+        logits = head.logits(np.ascontiguousarray(h[c0:c1], dtype=np.float32)).astype(np.float64)
+        if exclude is not None:
+            logits[:, exclude] = -np.inf
+        mx = logits.max(1, keepdims=True)
+        lsm = logits - (mx + np.log(np.exp(logits - mx).sum(1, keepdims=True)))
+        part = np.argpartition(-lsm, top - 1, axis=1)[:, :top]
+        for i in range(c1 - c0):
+            cand = part[i]
+            order = np.lexsort((cand, -lsm[i, cand]))  # most likely first, then lower id
+            ids[c0 + i] = cand[order]
+            lps[c0 + i] = lsm[i, cand[order]]
+            if targets is not None:
+                tgt[c0 + i] = lsm[i, int(targets[c0 + i])]
+    return Logprobs(ids, lps, tgt)
+
+
 def make_head(kind: str, emb: Embedding, kernel: str) -> LMHead:
     """The head for setting `kind` ('exact' | 'int8') over embedding `emb` on CPU path
     `kernel`: int8 quantizes at load; exact uses the F16 kernel (with its int8 screen) when the

@@ -41,6 +41,10 @@ class RequestOutput:
     finished: bool = False
     tokens: tuple[int, ...] = ()  # once finished: the whole output
     error: BaseException | None = None  # once finished with finish_reason 'error'
+    # when the request asks for log-probabilities: one TokenLogprob per new token; and with
+    # echo, the prompt's (the first None), in every output once computed
+    new_logprobs: tuple = ()
+    prompt_logprobs: tuple | None = None
 
     @property
     def error_message(self) -> str | None:
@@ -234,8 +238,10 @@ class Engine:
 
 
 def _output(r: Request, new: tuple) -> RequestOutput:
+    lps = tuple(r.out_logprobs[len(r.out) - len(new):]) if r.logprobs_k is not None else ()
+    prompt = tuple(r.prompt_logprobs) if r.prompt_logprobs is not None else None
     return RequestOutput(r.id, tuple(new), r.stats, r.finished,
-                         tuple(r.out) if r.finished else (), r.error)
+                         tuple(r.out) if r.finished else (), r.error, lps, prompt)
 
 
 class QueueFull(DlmError):

@@ -53,12 +53,16 @@ class Generator:
         self.eog = frozenset(model.spec.eog_ids)  # end-of-generation tokens
 
     # -- one request -------------------------------------------------------------------------
-    def request(self, prompt: Sequence[int], settings: DecodeSettings | None = None) -> Request:
-        """A new request's state machine (for an Engine, or a loop of your own)."""
+    def request(self, prompt: Sequence[int], settings: DecodeSettings | None = None,
+                logprobs: int | None = None, echo: bool = False) -> Request:
+        """A new request's state machine (for an Engine, or a loop of your own).  logprobs: the
+        log-probability of every committed token with that many alternatives (0..20; None:
+        none); echo with logprobs: the prompt's tokens' too (one causal scoring pass)."""
         s = settings or self.settings
         mask_id = (self.mask_id if s.mask_token_id == self.settings.mask_token_id
                    else resolve_mask_id(self.model, s.mask_token_id))
-        return request_class(s)(self.model, list(prompt), s, mask_id, self.eog)
+        return request_class(s)(self.model, list(prompt), s, mask_id, self.eog,
+                                logprobs=logprobs, echo=echo)
 
     def engine(self, max_running: int = 1) -> Engine:
         """An engine over this Generator's model and prefix cache."""

@@ -7,34 +7,27 @@ shutting down); a failure inside the engine is a 500 with a message, never a tra
 """
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .. import __version__
 from ..chat import render_chat
-from ..decode.requests import check_context
-from ..decode.strategies import Sampling
-from ..errors import ConfigError, DecodeError, DlmError
+from ..errors import DecodeError
 from ..runtime.decode_settings import DecodeSettings
-from ..runtime.engine import QueueFull, RequestOutput
 from ..runtime.generator import Generator
 from ..runtime.prefix_cache import PrefixCache
-from ..settings import DECODE_KEYS, check
 from . import protocol as P
-from .service import EngineService, Metrics, ShuttingDown
+from .completions import complete
 from .guards import install_errors, install_middleware
-from .stops import StopMatcher
+from .schema import COMPLETION_RESPONSES, ERROR_RESPONSES, install_schema
+from .service import EngineService, Metrics
 
 log = logging.getLogger("dlmnumba.server")
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(Sampling))
-DISCONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -48,6 +41,7 @@ class ServerOptions:
     max_body_bytes: int = 1 << 20
     prefix_cache_tokens: int = 0  # 0 = no prefix cache
     default_max_tokens: int = 128
+    openapi: bool = True  # serve /openapi.json
 
 
 @dataclass
@@ -101,11 +95,15 @@ def create_app(state: ServerState, load: Callable[[], Any] | None = None) -> Fas
         if state.service is not None:
             state.service.stop()
 
-    app = FastAPI(title="dlmnumba", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="dlmnumba", version=__version__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None,
+                  openapi_url="/openapi.json" if state.options.openapi else None,
+                  description="OpenAI-compatible API of a ternary diffusion LM (dlmnumba).")
     app.state.dlm = state
-    install_middleware(app, state.options.api_key, state.options.max_body_bytes)
+    install_middleware(app, state.options.api_key, state.options.max_body_bytes,
+                       state.metrics.responses)
     install_errors(app)
+    install_schema(app, state.options.model_name)
 
     @app.get("/health")
     async def health():
@@ -124,27 +122,53 @@ def create_app(state: ServerState, load: Callable[[], Any] | None = None) -> Fas
         return PlainTextResponse(generate_latest(state.metrics.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 
+    def model_card():
+        return {"id": state.options.model_name, "object": "model", "created": 0,
+                "owned_by": "dlmnumba"}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.options.model_name, "object": "model",
-                                            "created": 0, "owned_by": "dlmnumba"}]}
+        return {"object": "list", "data": [model_card()]}
 
-    @app.post("/tokenize")
+    @app.get("/v1/models/{model_id:path}", responses=ERROR_RESPONSES)
+    async def model(model_id: str):
+        if model_id != state.options.model_name:
+            raise P.ApiError(404, f"the model '{model_id}' does not exist here (this server "
+                                  f"serves '{state.options.model_name}')", "model",
+                             type_="not_found_error", code="model_not_found")
+        return model_card()
+
+    @app.post("/tokenize", responses=ERROR_RESPONSES)
     async def tokenize(body: P.TokenizeRequest):
         gen, _ = state.ready()
-        ids = _encode(gen, body.content, add_bos=None if body.add_special else False)
-        return {"tokens": ids}
+        text, special = body.text_and_special()
+        ids = _encode(gen, text, add_bos=None if special else False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": gen.model.n_ctx}
 
-    @app.post("/detokenize")
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """What lm-evaluation-harness's remote tokenizer reads (vLLM's endpoint)."""
+        gen, _ = state.ready()
+        spec, tok = gen.model.spec, gen.model.tokenizer
+
+        def text(i):
+            return None if i is None else tok.token_text(i)
+        return {"bos_token": text(spec.bos_id), "eos_token": text(spec.eot_id or spec.eos_id),
+                "pad_token": None, "chat_template":
+                    gen.model.file.metadata.get("tokenizer.chat_template"),
+                "model_max_length": gen.model.n_ctx, "vocab_size": gen.model.n_vocab}
+
+    @app.post("/detokenize", responses=ERROR_RESPONSES)
     async def detokenize(body: P.DetokenizeRequest):
         gen, _ = state.ready()
         try:
             gen.model.check_tokens(body.tokens, "tokens")
         except DecodeError as e:
             raise P.ApiError(400, str(e), e.field) from None
-        return {"content": gen.model.tokenizer.decode(body.tokens)}
+        text = gen.model.tokenizer.decode(body.tokens)
+        return {"content": text, "prompt": text}  # llama.cpp's name, vLLM's
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
     async def chat(body: P.ChatRequest, http: HttpRequest):
         gen, _ = state.ready()
         _refuse_unsupported(body)
@@ -155,20 +179,27 @@ def create_app(state: ServerState, load: Callable[[], Any] | None = None) -> Fas
         except ValueError as e:
             raise P.ApiError(400, str(e), "messages") from None
         ids = _encode(gen, text)
-        return await _complete(state, body, ids, http, chat=True)
+        return await complete(state, body, [(ids, text)], http, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=COMPLETION_RESPONSES)
     async def completions(body: P.CompletionRequest, http: HttpRequest):
         gen, _ = state.ready()
         _refuse_unsupported(body)
-        if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], str)):
-            text = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-            ids = _encode(gen, text)
-        else:
-            ids = list(body.prompt)  # checked with the request (Request: model.check_tokens)
-        if not ids:
-            raise P.ApiError(400, "the prompt is empty", "prompt")
-        return await _complete(state, body, ids, http, chat=False)
+        prompts = []
+        for p in body.prompt_list():
+            if isinstance(p, str):
+                ids, text = _encode(gen, p), p
+            else:  # token ids: checked with the request (Request: model.check_tokens)
+                ids = list(p)
+                try:
+                    gen.model.check_tokens(ids, "prompt")
+                except DecodeError as e:
+                    raise P.ApiError(400, str(e), e.field) from None
+                text = gen.model.tokenizer.decode(ids, skip_special=False)
+            if not ids:
+                raise P.ApiError(400, "the prompt is empty", "prompt")
+            prompts.append((ids, text))
+        return await complete(state, body, prompts, http, chat=False)
 
     return app
 
@@ -185,156 +216,3 @@ def _refuse_unsupported(body: P.CommonRequest) -> None:
     bad = body.unsupported()
     if bad is not None:
         raise P.ApiError(400, bad[1], bad[0], code="unsupported")
-
-
-def _settings_for(state: ServerState, gen: Generator, body: P.CommonRequest,
-                  n_prompt: int) -> DecodeSettings:
-    """The server's default decode settings with the request's fields applied."""
-    n_ctx = gen.model.n_ctx
-    budget, budget_field = body.token_budget()
-    if budget is None:
-        budget = max(1, min(state.options.default_max_tokens, n_ctx - n_prompt))
-    elif budget < 1:
-        raise P.ApiError(400, f"'{budget_field}' must be >= 1, got {budget}", budget_field)
-    try:
-        check_context(n_prompt, budget, n_ctx, budget_field)
-    except DecodeError as e:
-        raise P.ApiError(400, str(e), e.field, code=e.code) from None
-    base = state.settings
-    given = {f: getattr(body, f) for f in (*P.DECODE_FIELDS, *P.OPENAI_FIELDS)
-             if f != "max_tokens" and getattr(body, f) is not None}
-    for f, value in given.items():  # the same definitions as the CLI and YAML
-        try:
-            given[f] = check(DECODE_KEYS[f], value, "request")
-        except ConfigError as e:
-            raise P.ApiError(400, str(e), f) from None
-    sampling = {f: v for f, v in given.items() if f in SAMPLING_FIELDS}
-    decode = {f: v for f, v in given.items() if f not in SAMPLING_FIELDS}
-    try:
-        return dataclasses.replace(
-            base, max_tokens=budget, sampling=dataclasses.replace(base.sampling, **sampling),
-            **decode)
-    except ValueError as e:  # a rule between fields (block_size vs small_block_size)
-        raise P.ApiError(400, str(e), next(iter(decode), None)) from None
-
-
-async def _complete(state: ServerState, body: P.CommonRequest, ids: list[int], http: HttpRequest,
-                    chat: bool):
-    gen, svc = state.ready()
-    settings = _settings_for(state, gen, body, len(ids))
-    stops = body.stops()
-    try:
-        request = gen.request(ids, settings)
-    except DecodeError as e:
-        raise P.ApiError(400, str(e), e.field, code=e.code) from None
-    except DlmError as e:
-        raise P.ApiError(400, str(e)) from None
-    try:
-        handle = svc.submit(request, asyncio.get_running_loop())
-    except QueueFull as e:
-        state.metrics.requests.labels("rejected").inc()
-        raise P.ApiError(429, f"{e}; retry later", type_="rate_limit_exceeded",
-                         code="queue_full", headers={"Retry-After": "1"}) from None
-    except ShuttingDown as e:
-        raise P.ApiError(503, str(e), type_="service_unavailable") from None
-    rid = P.new_id("chatcmpl" if chat else "cmpl")
-    name = state.options.model_name
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(state, handle, StopMatcher(stops), rid, name, chat, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    return await _collect(state, handle, StopMatcher(stops), rid, name, chat, http)
-
-
-async def _tokens(state: ServerState, handle, stopper: StopMatcher, poll=None
-                  ) -> AsyncIterator[tuple]:
-    """The request's text as it is decided: ("text", str) items, then ("end", finish_reason,
-    usage) or ("error", message).  A stop string cancels the request and ends the text there;
-    the usage then counts the tokens through the one that completed it.  Everything comes from
-    the engine's frozen outputs, never from the live request."""
-    dec = state.generator.model.tokenizer.stream_decoder()
-    n_tokens = 0  # tokens whose text was taken, in order
-    while True:
-        try:
-            event = await asyncio.wait_for(handle.queue.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if poll is not None and await poll():
-                state.service.cancel(handle)
-                yield "error", "client disconnected"
-                return
-            continue
-        if not isinstance(event, RequestOutput):  # ("error", message) from the service
-            yield "error", event[1]
-            return
-        text, hit = "", False
-        for t in event.new_tokens:
-            n_tokens += 1
-            piece, hit = stopper.push(dec.push(t))
-            text += piece
-            if hit:
-                break
-        if text:
-            yield "text", text
-        if hit:
-            state.service.cancel(handle)
-            yield "end", "stop", _usage(event, n_tokens)
-            return
-        if event.finished:
-            if event.error is not None:
-                yield "error", event.error_message
-                return
-            text = stopper.flush(dec.flush())
-            if text:
-                yield "text", text
-            yield ("end", "stop" if stopper.stopped else event.stats.finish_reason,
-                   _usage(event, len(event.tokens)))
-            return
-
-
-def _usage(out: RequestOutput, completion_tokens: int) -> dict[str, Any]:
-    st = out.stats
-    return P.usage(st.prompt_tokens, completion_tokens, st.forward_passes, st.ttft_s,
-                   st.draft_tokens, st.accepted_tokens)
-
-
-async def _collect(state, handle, stopper, rid, name, chat, http: HttpRequest):
-    parts: list[str] = []
-    async for kind, *payload in _tokens(state, handle, stopper, http.is_disconnected):
-        if kind == "text":
-            parts.append(payload[0])
-        elif kind == "end":
-            finish, use = payload
-        else:
-            status = 503 if not state.service.alive or "shutting down" in payload[0] else 500
-            raise P.ApiError(status, payload[0], type_="server_error")
-    text = "".join(parts)
-    return (P.chat_response if chat else P.completion_response)(rid, name, text, finish, use)
-
-
-async def _stream(state, handle, stopper, rid, name, chat, include_usage):
-    def sse(obj) -> bytes:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-
-    done = False
-    try:
-        if chat:
-            yield sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None))
-        async for kind, *payload in _tokens(state, handle, stopper):
-            if kind == "text":
-                yield sse(P.chat_chunk(rid, name, {"content": payload[0]}, None) if chat
-                          else P.completion_chunk(rid, name, payload[0], None))
-            elif kind == "end":
-                finish, use = payload
-                yield sse(P.chat_chunk(rid, name, {}, finish) if chat
-                          else P.completion_chunk(rid, name, "", finish))
-                if include_usage:
-                    yield sse(P.usage_chunk(rid, name, "chat.completion.chunk" if chat
-                                            else "text_completion", use))
-            else:
-                yield sse(P.error_body(payload[0], "server_error"))
-        done = True
-        yield b"data: [DONE]\n\n"
-    finally:
-        if not done:  # the client went away mid-stream: free the slot at the next step
-            state.service.cancel(handle)

@@ -17,7 +17,7 @@ def server_state(cfg) -> ServerState:
                       max_body_bytes=cfg.max_request_bytes,
                       prefix_cache_tokens=(sc.radix_cache_max_tokens if sc.enable_radix_cache
                                            else 0),
-                      default_max_tokens=cfg.sampling.max_tokens),
+                      default_max_tokens=cfg.sampling.max_tokens, openapi=cfg.openapi),
         decode_settings(cfg, cfg.sampling.max_tokens))
 
 

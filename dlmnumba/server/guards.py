@@ -19,20 +19,31 @@ def json_error(err: P.ApiError) -> JSONResponse:
     return JSONResponse(err.body(), err.status, headers=err.headers)
 
 
-def install_middleware(app: FastAPI, api_key: str | None, max_body: int) -> None:
-    """The API key check (every route but /health) and the body-size limit."""
-    app.add_middleware(_Limits, api_key=api_key, max_body=max_body)
+def install_middleware(app: FastAPI, api_key: str | None, max_body: int,
+                       responses=None) -> None:
+    """The API key check (every route but /health), the body-size limit, and (responses: a
+    prometheus Counter labelled by status) the count of every answer."""
+    app.add_middleware(_Limits, api_key=api_key, max_body=max_body, responses=responses)
 
 
 class _Limits:
-    """ASGI middleware: API key on every route but /health; request body size limit."""
+    """ASGI middleware: API key on every route but /health; request body size limit; every
+    answer counted by status."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
+    def __init__(self, app, api_key: str | None, max_body: int, responses=None):
         self.app, self.api_key, self.max_body = app, api_key, max_body
+        self.responses = responses
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.responses is not None:
+            inner, counter = send, self.responses
+
+            async def send(message):  # noqa: F811 - the counting wrapper of this request
+                if message["type"] == "http.response.start":
+                    counter.labels(str(message["status"])).inc()
+                await inner(message)
         headers = dict(scope.get("headers") or [])
         if self.api_key and scope["path"] != "/health":
             auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -98,7 +109,8 @@ def install_errors(app: FastAPI) -> None:
     async def http_error(_, err: StarletteHTTPException):
         return json_error(P.ApiError(err.status_code, str(err.detail),
                                       type_="not_found_error" if err.status_code == 404
-                                      else "invalid_request_error"))
+                                      else "invalid_request_error",
+                                      headers=dict(err.headers or {})))  # 405: Allow
 
     @app.exception_handler(Exception)
     async def crash(_, err: Exception):

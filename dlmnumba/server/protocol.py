@@ -1,9 +1,11 @@
 """OpenAI wire format: request models (pydantic) and pure functions that build responses.
 
-Requests are strict: fields of the wrong JSON type and unknown fields are refused (400), and
+Requests are strict: fields of the wrong JSON type and unknown fields are refused (400),
+fields that change nothing here (`user`, `store`, `metadata`, `service_tier`,
+`parallel_tool_calls` without tools, `stream_options` extras) are accepted and ignored, and
 fields OpenAI defines that we do not implement are refused when they ask for something
-(`n` > 1, `logprobs`, `tools`, penalties, `logit_bias`, a non-text `response_format`), never
-ignored silently.  Diffusion decode settings travel as extra body fields named like the
+(`tools`, penalties, `logit_bias`, a non-text `response_format`, `suffix`, `best_of` > 1),
+never ignored silently.  Diffusion decode settings travel as extra body fields named like the
 config keys (`mode`, `block_size`, ...), validated by the same definitions as CLI and YAML.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr,
                       create_model)
 
+from ..decode.requests import MAX_TOP_LOGPROBS
 from ..settings import DECODE_KEYS, SETTINGS
 
 Float = Annotated[float, Strict()]  # a JSON number (an integer is accepted), never a string
@@ -41,7 +44,7 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # other servers' extras: accepted, ignored
     include_usage: StrictBool = False
 
 
@@ -76,6 +79,11 @@ _DecodeFields = create_model(
     **{f: (_JSON_TYPES[SETTINGS[DECODE_KEYS[f]].type] | None, None) for f in DECODE_FIELDS})
 
 
+MAX_STOPS = 16  # stop strings per request
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 64  # prompts per completion request (each with its n choices)
+
+
 class CommonRequest(_DecodeFields):
     """Fields shared by chat and text completions."""
 
@@ -90,22 +98,19 @@ class CommonRequest(_DecodeFields):
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    user: StrictStr | None = None  # accepted, unused
+    n: StrictInt | None = None  # choices per prompt (distinct seeds when sampling)
+    # accepted and ignored: they change nothing here
+    user: StrictStr | None = None
+    store: StrictBool | None = None
+    metadata: dict[str, StrictStr] | None = None
+    service_tier: StrictStr | None = None
     # OpenAI fields we do not implement: refused when they ask for something
-    n: StrictInt | None = None
-    logprobs: StrictBool | StrictInt | None = None
-    top_logprobs: StrictInt | None = None
     presence_penalty: Float | None = None
     frequency_penalty: Float | None = None
     logit_bias: dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, why) of the first field asking for something we do not do, or None."""
-        if self.n is not None and self.n != 1:
-            return "n", "only n = 1 is supported (one choice per request)"
-        if self.logprobs not in (None, False, 0) or self.top_logprobs not in (None, 0):
-            return ("logprobs" if self.logprobs not in (None, False, 0) else "top_logprobs",
-                    "log probabilities are not supported")
         for f in ("presence_penalty", "frequency_penalty"):
             if getattr(self, f) not in (None, 0, 0.0):
                 return f, f"{f} is not supported"
@@ -113,13 +118,25 @@ class CommonRequest(_DecodeFields):
             return "logit_bias", "logit_bias is not supported"
         return None
 
+    def choices_per_prompt(self) -> int:
+        """n (1 when not given), checked."""
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= MAX_N:
+            raise ApiError(400, f"'n' must be in 1..{MAX_N}, got {n}", "n")
+        return n
+
+    def wanted_logprobs(self) -> int | None:
+        """How many alternatives per token the log-probabilities carry (None: no logprobs)."""
+        raise NotImplementedError
+
     def stops(self) -> list[str]:
         """The stop strings (empty strings refused)."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(s == "" for s in stops):
             raise ApiError(400, "'stop' strings must not be empty", "stop")
-        if len(stops) > 4:
-            raise ApiError(400, f"'stop' takes at most 4 strings, got {len(stops)}", "stop")
+        if len(stops) > MAX_STOPS:
+            raise ApiError(400, f"'stop' takes at most {MAX_STOPS} strings, got {len(stops)}",
+                           "stop")
         return stops
 
     def token_budget(self) -> tuple[int | None, str]:
@@ -129,11 +146,19 @@ class CommonRequest(_DecodeFields):
         return self.max_tokens, "max_tokens"
 
 
+def _top_count(value: int, field: str) -> int:
+    if not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"'{field}' must be in 0..{MAX_TOP_LOGPROBS}, got {value}", field)
+    return value
+
+
 class ChatRequest(CommonRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    parallel_tool_calls: StrictBool | None = None
+    parallel_tool_calls: StrictBool | None = None  # accepted (there are no tools)
     response_format: dict[str, Any] | None = None
 
     def unsupported(self):
@@ -145,30 +170,65 @@ class ChatRequest(CommonRequest):
             return "response_format", "only response_format {'type': 'text'} is supported"
         return super().unsupported()
 
+    def wanted_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        if not self.logprobs:
+            return None
+        return _top_count(self.top_logprobs or 0, "top_logprobs")
+
 
 class CompletionRequest(CommonRequest):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     echo: StrictBool = False
+    logprobs: StrictInt | None = None
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
 
     def unsupported(self):
-        if self.echo:
-            return "echo", "echo is not supported"
         if self.suffix:
             return "suffix", "suffix (insertion) is not supported"
         if self.best_of not in (None, 1):
             return "best_of", "only best_of = 1 is supported"
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) \
-                and len(self.prompt) != 1:
-            return "prompt", "one prompt per request (a list of several strings is a batch)"
         return super().unsupported()
+
+    def wanted_logprobs(self):
+        return None if self.logprobs is None else _top_count(self.logprobs, "logprobs")
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """The prompts, each a text or token ids (a list of texts or of id lists: several)."""
+        p = self.prompt
+        if isinstance(p, str):
+            out = [p]
+        elif p and isinstance(p[0], (str, list)):
+            out = list(p)
+        else:
+            out = [list(p)]
+        if not out:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        if len(out) > MAX_PROMPTS:
+            raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(out)}",
+                           "prompt")
+        return out
 
 
 class TokenizeRequest(BaseModel):
+    """llama.cpp's form {"content", "add_special"} or vLLM's {"prompt", "add_special_tokens"}
+    (what lm-evaluation-harness's remote tokenizer sends)."""
+
     model_config = ConfigDict(extra="forbid")
-    content: StrictStr
-    add_special: StrictBool = True  # BOS per the model file
+    content: StrictStr | None = None
+    add_special: StrictBool | None = None
+    prompt: StrictStr | None = None
+    add_special_tokens: StrictBool | None = None
+
+    def text_and_special(self) -> tuple[str, bool]:
+        """(the text, whether to add the special BOS token per the model file)."""
+        if (self.content is None) == (self.prompt is None):
+            raise ApiError(400, "give exactly one of 'content' and 'prompt'", "content")
+        special = self.add_special if self.add_special is not None else self.add_special_tokens
+        return (self.content if self.content is not None else self.prompt,
+                True if special is None else special)
 
 
 class DetokenizeRequest(BaseModel):
@@ -195,31 +255,45 @@ def usage(prompt_tokens: int, completion_tokens: int, forward_passes: int,
             "forward_passes": forward_passes, "time_to_first_token_s": round(ttft_s, 4)}
 
 
-def chat_response(rid: str, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": use}
-
-
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                         "finish_reason": finish}]}
-
-
-def completion_response(rid: str, model: str, text: str, finish: str, use: dict
-                        ) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            "usage": use}
-
-
-def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-
-
-def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict[str, Any]:
+def response(rid: str, obj: str, model: str, choices: list[dict], use: dict) -> dict[str, Any]:
+    """A whole answer (`obj`: chat.completion or text_completion)."""
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model,
-            "choices": [], "usage": use}
+            "choices": choices, "usage": use}
+
+
+def chunk(rid: str, obj: str, model: str, choices: list[dict], use: dict | None = None
+          ) -> dict[str, Any]:
+    """A streamed chunk (`obj`: chat.completion.chunk or text_completion); with usage, the
+    last one (choices empty)."""
+    out = {"id": rid, "object": obj, "created": int(time.time()), "model": model,
+           "choices": choices}
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+# -- log-probabilities (decode.requests.TokenLogprob entries; None: the first prompt token) ----
+def completion_logprobs(entries, text_of, offset0: int = 0) -> dict[str, Any]:
+    """The completions route's logprobs object of these tokens' entries: tokens, token_logprobs,
+    top_logprobs ({token text: logprob}), text_offset (from offset0)."""
+    tokens, lps, tops, offsets = [], [], [], []
+    at = offset0
+    for e, tok in entries:
+        text = text_of(tok)
+        tokens.append(text)
+        offsets.append(at)
+        at += len(text)
+        lps.append(None if e is None else e.logprob)
+        tops.append(None if e is None else {text_of(t): lp for t, lp in e.top})
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(entries, text_of, top: int) -> list[dict[str, Any]]:
+    """The chat route's logprobs content items of these tokens' entries (`top` alternatives)."""
+    def item(tok, lp):
+        text = text_of(tok)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return [{**item(e.token, e.logprob),
+             "top_logprobs": [item(t, lp) for t, lp in e.top[:top]]} for e in entries]

@@ -35,6 +35,8 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         p = "dlmnumba_"
         self.requests = Counter(p + "requests", "Requests by outcome", ["outcome"], registry=r)
+        self.responses = Counter(p + "http_responses", "HTTP answers by status (every route)",
+                                 ["status"], registry=r)
         self.running = Gauge(p + "running_sequences", "Sequences in the running batch",
                              registry=r)
         self.waiting = Gauge(p + "waiting_sequences", "Requests waiting for a slot", registry=r)
