@@ -248,16 +248,30 @@ def _generator(model, cfg, max_tokens: int):
 @click.option("--chat/--no-chat", default=None,
               help="Wrap the prompt in the model's chat template (default: when the model "
                    "file has one).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Structured output: the answer is a JSON object (grammar-masked).")
+@click.option("--json-schema", "json_schema", type=click.Path(dir_okay=False),
+              help="Structured output: the answer is JSON valid against this schema file.")
 @user_errors
-def generate(prompt: str, chat: bool | None, **opts) -> None:
+def generate(prompt: str, chat: bool | None, as_json: bool, json_schema: str | None,
+             **opts) -> None:
     """Generate text from PROMPT, streamed to stdout as blocks are committed."""
+    from .decode.constraint import Grammar
+
+    grammar = None
+    if json_schema:
+        with open(json_schema, encoding="utf-8") as f:
+            text = f.read()
+        grammar = Grammar.json_schema(text, f"JSON schema {json_schema}", "json_schema")
+    elif as_json:
+        grammar = Grammar.json_object()
     prompt = _readable(prompt)
     notes: list[str] = []  # said once the request is accepted: a bad one is one line
     cfg, file = _resolve(opts, "sampling.max_tokens", default="toy", note=notes.append)
     m = _open_model(cfg, file)
     gen = _generator(m, cfg, cfg.sampling.max_tokens)
     ids = m.tokenizer.encode(prompt_text(m.file.metadata, prompt, chat))
-    stream = gen.stream(ids)
+    stream = gen.stream(ids, grammar=grammar)
     for n in notes:
         _note(n)
     dec = m.tokenizer.stream_decoder()

@@ -52,6 +52,7 @@ class _Block:
     entry: dict = dataclasses.field(default_factory=dict)
     best_entry: dict = dataclasses.field(default_factory=dict)
     saved_entry: object = None
+    saved_logits: np.ndarray | None = None  # (under a grammar) the logits of that row
 
 
 class DiffusionRequest(Request):
@@ -172,6 +173,8 @@ class DiffusionRequest(Request):
         if len(self._last.keep):
             b.first_hidden = self._last.kept
         self.cache.truncate(b.start)  # K/V from the block start on saw masks: drop them
+        if self.constraint is not None:
+            return self._take_constrained(b)
         ents = self._entries(range(len(tok)), tok)  # log-probabilities of this pass's rows
         if not b.in_pass.all():  # only the row before the block start can precede the pass
             tok, conf = np.concatenate([b.saved[0], tok]), np.concatenate([b.saved[1], conf])
@@ -211,6 +214,58 @@ class DiffusionRequest(Request):
             self._cap_fill(b, tok[:0], conf[:0], [])
             done = True
         if not done:
+            return []
+        return self._end_block()
+
+    def _take_constrained(self, b: _Block) -> list[int]:
+        """A pass under a grammar: from the block's first undecided position on, left to right,
+        each position takes the most likely token the matcher allows after the text decided
+        before it (masked logits), until the policy would not commit one (at least the first
+        is); the matcher only ever advances over decided text.  No iteration cap: every pass
+        commits a position."""
+        s, logits = self.settings, self._last_logits
+        if not b.in_pass.all():
+            logits = np.concatenate([b.saved_logits, logits])
+        elif b.first and self.shift and b.pos == b.start and b.pos0 < b.start:
+            b.saved_logits = logits[:1].copy()
+        b.first = False
+        b.passes += 1
+        first = int(np.flatnonzero(b.masked)[0])
+        walk = self.constraint.fork()
+        toks, confs = [], []
+        for i, p in enumerate(b.idx):
+            if p != first + i:
+                break
+            t, c = self._masked_pick(logits[i], walk)
+            toks.append(t)
+            confs.append(c)
+            if t in self.eog:
+                break
+            self.constraint.consume(t, walk)
+            if walk.is_stopped():
+                break
+        chosen = {int(c) for c in self.policy.commit(np.asarray(confs, np.float32), b.step, s)}
+        r = 0
+        while r < len(toks) and r in chosen:
+            r += 1
+        r = max(r, 1)  # at least the leftmost
+        for i in range(r):
+            p = int(b.idx[i])
+            b.tokens[p], b.masked[p] = toks[i], False
+            b.entry[p] = self._row_entry(logits[i], toks[i])
+            if toks[i] not in self.eog:
+                self.constraint.consume(toks[i])
+        b.step += 1
+        if toks[r - 1] in self.eog or self.constraint.done:  # the output ends here
+            new = [int(t) for t in b.tokens[:first + r]]
+            entries = (None if self.logprobs_k is None
+                       else [b.entry.get(i) for i in range(first + r)])
+            self.tokens += new
+            self.block = None
+            out = self._emit(new, entries)
+            self._constraint_done()
+            return out
+        if b.masked.any():
             return []
         return self._end_block()
 

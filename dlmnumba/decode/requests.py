@@ -97,7 +97,7 @@ class Request:
 
     def __init__(self, model, prompt: list[int], settings, mask_id: int | None,
                  eog: frozenset[int], cache=None, logprobs: int | None = None,
-                 echo: bool = False):
+                 echo: bool = False, grammar=None):
         self.id = next(_IDS)
         self.t0 = time.perf_counter()
         self.prompt = [int(t) for t in prompt]
@@ -129,6 +129,14 @@ class Request:
             raise DecodeError(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}",
                               "logprobs")
         self.logprobs_k = logprobs
+        # structured output: a matcher of the grammar over the vocabulary (decode/constraint.py)
+        self.constraint = None
+        if grammar is not None:
+            if not self.supports_grammar:
+                raise DecodeError(f"{type(self).__name__} does not support structured output",
+                                  "response_format")
+            from .constraint import Constraint
+            self.constraint = Constraint(grammar, model.tokenizer, model.n_vocab, self.eog)
         self.out_logprobs: list[TokenLogprob | None] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self._scoring = None
@@ -186,6 +194,8 @@ class Request:
             if self.mask_id is not None:  # committing a mask token would be meaningless
                 logits[:, self.mask_id] = -np.inf
             self._last_logits = logits
+            if self.constraint is not None:  # the state machine picks row by row, masked
+                return self._take(None, None)
             tok, conf = pick_tokens(logits, self.settings.sampling, self.rng)
         else:
             tok, conf = result
@@ -218,9 +228,11 @@ class Request:
     def _take(self, tok: np.ndarray, conf: np.ndarray) -> list[int]:
         raise NotImplementedError
 
+    supports_grammar = True  # the state machine can commit under a Constraint
+
     def _output(self, exact_confidence: bool) -> Output:
-        if self.settings.sampling.temperature > 0.0:
-            return Output.LOGITS
+        if self.settings.sampling.temperature > 0.0 or self.constraint is not None:
+            return Output.LOGITS  # (a constraint masks the logits before picking)
         return Output.ARGMAX_EXACT if exact_confidence else Output.ARGMAX
 
     def _segment(self, tokens: list[int], pos0: int, mask: AttentionMask, rows,
@@ -228,6 +240,32 @@ class Request:
         return Segment(tokens, self.cache, np.arange(pos0, pos0 + len(tokens), dtype=np.int32),
                        mask, rows, self._output(exact_confidence), self.mask_id,
                        logprobs=self._wanted())
+
+    def _masked_pick(self, row: np.ndarray, matcher=None) -> tuple[int, float]:
+        """The token (and its probability) the constraint allows at a logits row, given the
+        text its matcher has consumed: argmax or a sample of the allowed tokens only."""
+        z = np.array(row, dtype=np.float32, copy=True)
+        allowed = self.constraint.allowed(matcher)
+        z[~allowed[:z.shape[0]]] = -np.inf
+        tok, conf = pick_tokens(z[None], self.settings.sampling, self.rng)
+        return int(tok[0]), float(conf[0])
+
+    def _row_entry(self, row: np.ndarray, token: int) -> TokenLogprob | None:
+        """A token's log-probability entry from its logits row (the unmasked model's)."""
+        if self.logprobs_k is None:
+            return None
+        z = row.astype(np.float64)
+        mx = z[np.isfinite(z)].max()
+        lsm = z - (mx + np.log(np.exp(z - mx).sum()))
+        k = self.logprobs_k
+        top = np.lexsort((np.arange(z.shape[0]), -lsm))[:k] if k else []
+        return TokenLogprob(int(token), float(lsm[token]),
+                            tuple((int(t), float(lsm[t])) for t in top))
+
+    def _constraint_done(self) -> None:
+        """The grammar is complete and admits nothing more: generation ends here."""
+        if self.constraint is not None and self.constraint.done and not self.finished:
+            self._finish("stop")
 
     def _wanted(self) -> LogprobsWanted | None:
         """What the passes ask for besides the output: alternatives per row, if logprobs."""
@@ -284,10 +322,18 @@ class ARRequest(Request):
         return self._segment(self._feed, self._pos, CAUSAL_MASK, [len(self._feed) - 1])
 
     def _take(self, tok, conf):
-        t = int(tok[0])
+        if self.constraint is not None:
+            t, _ = self._masked_pick(self._last_logits[0])
+            self.constraint.consume(t)
+            entries = [self._row_entry(self._last_logits[0], t)]
+        else:
+            t = int(tok[0])
+            entries = self._entries([0], [t])
         self._pos += len(self._feed)
         self._feed = [t]
-        return self._emit([t], self._entries([0], [t]))
+        new = self._emit([t], entries)
+        self._constraint_done()
+        return new
 
 
 class SeedReplayRequest(Request):
@@ -321,6 +367,7 @@ class SeedReplayRequest(Request):
         return []  # the stale cache is never continued
 
     reusable_kv = False  # stale mask K/V and an overwritten prompt slot
+    supports_grammar = False  # a comparison mode: its blocks are not decided left to right
 
 
 # confidence setting -> whether the LM head computes the confidence exactly (model/heads.py)

@@ -119,10 +119,13 @@ class SpecRequest(Request):
         return self._segment(tokens, pos0, mask, causal_rows + mask_rows)
 
     def _output(self, exact_confidence: bool) -> Output:
-        return Output.ARGMAX  # temperature 0 (settings refuse sampling): the argmax is all
+        # temperature 0 (settings refuse sampling): the argmax is all, unless a grammar masks
+        return Output.LOGITS if self.constraint is not None else Output.ARGMAX
 
     def _take(self, tok, conf):
         k, draft = self._n_draft, self._draft_in_pass
+        if self.constraint is not None:
+            return self._take_constrained(k, draft)
         picks = [int(t) for t in tok[:k + 1]]  # what ar commits at the next k + 1 positions
         j = self._accept(draft, picks)
         self.draft = [int(t) for t in tok[k + 1:]] if j == k else []
@@ -144,3 +147,33 @@ class SpecRequest(Request):
         while j < len(draft) and draft[j] == picks[j]:
             j += 1
         return j
+
+    def _take_constrained(self, k: int, draft: list[int]) -> list[int]:
+        """Under a grammar: the causal rows' picks are the masked argmax after the accepted
+        prefix (what constrained `ar` picks); the masks' predictions, unconstrained, are only
+        the next draft."""
+        logits = self._last_logits
+        walk = self.constraint.fork()
+        picks, j = [], 0
+        for i in range(k + 1):
+            t, _ = self._masked_pick(logits[i], walk)
+            picks.append(t)
+            if i == k or draft[i] != t or t in self.eog:
+                break
+            self.constraint.consume(t, walk)
+            j += 1
+        committed = draft[:j] + [picks[j]]
+        for t in committed:
+            if t not in self.eog:
+                self.constraint.consume(t)
+        self.draft = [int(t) for t in logits[k + 1:].argmax(1)] if j == k else []
+        new = self._emit(committed, [self._row_entry(logits[i], t)
+                                     for i, t in enumerate(committed)])
+        kept = min(j, len(new))
+        self.cache.truncate(self._n_cached + kept)
+        if k:
+            self.history.append((k, j))
+            self._drafted += k
+            self._accepted += kept
+        self._constraint_done()
+        return new

@@ -54,37 +54,40 @@ class Generator:
 
     # -- one request -------------------------------------------------------------------------
     def request(self, prompt: Sequence[int], settings: DecodeSettings | None = None,
-                logprobs: int | None = None, echo: bool = False) -> Request:
+                logprobs: int | None = None, echo: bool = False, grammar=None) -> Request:
         """A new request's state machine (for an Engine, or a loop of your own).  logprobs: the
         log-probability of every committed token with that many alternatives (0..20; None:
-        none); echo with logprobs: the prompt's tokens' too (one causal scoring pass)."""
+        none); echo with logprobs: the prompt's tokens' too (one causal scoring pass);
+        grammar (decode.constraint.Grammar): the output follows it (structured output)."""
         s = settings or self.settings
         mask_id = (self.mask_id if s.mask_token_id == self.settings.mask_token_id
                    else resolve_mask_id(self.model, s.mask_token_id))
         return request_class(s)(self.model, list(prompt), s, mask_id, self.eog,
-                                logprobs=logprobs, echo=echo)
+                                logprobs=logprobs, echo=echo, grammar=grammar)
 
     def engine(self, max_running: int = 1) -> Engine:
         """An engine over this Generator's model and prefix cache."""
         return Engine(self.model, max_running=max_running, prefix_cache=self.prefix_cache)
 
-    def stream(self, prompt: Sequence[int], settings: DecodeSettings | None = None) -> "Stream":
+    def stream(self, prompt: Sequence[int], settings: DecodeSettings | None = None,
+               grammar=None) -> "Stream":
         """Decode one request in the calling thread; iterate the result for committed tokens
         as they are decided (`Chunk`s); its `.stats` are the request's."""
-        return Stream(self.engine(), self.request(prompt, settings))
+        return Stream(self.engine(), self.request(prompt, settings, grammar=grammar))
 
-    def generate(self, prompt: Sequence[int], settings: DecodeSettings | None = None
-                 ) -> Generation:
-        """Decode one request to the end."""
-        return self.stream(prompt, settings).result()
+    def generate(self, prompt: Sequence[int], settings: DecodeSettings | None = None,
+                 grammar=None) -> Generation:
+        """Decode one request to the end (grammar: structured output, decode.constraint)."""
+        return self.stream(prompt, settings, grammar).result()
 
     # -- many requests -----------------------------------------------------------------------
     def generate_many(self, prompts: Sequence[Sequence[int]],
-                      settings: DecodeSettings | None = None) -> list[Generation]:
+                      settings: DecodeSettings | None = None, grammar=None
+                      ) -> list[Generation]:
         """Decode every prompt together: each step runs one forward pass over the passes of all
         unfinished requests; the result equals decoding them one at a time."""
         engine = self.engine(max(1, len(prompts)))
-        reqs = [engine.submit(self.request(p, settings)) for p in prompts]
+        reqs = [engine.submit(self.request(p, settings, grammar=grammar)) for p in prompts]
         engine.run_until_idle()
         for r in reqs:
             if r.error is not None:

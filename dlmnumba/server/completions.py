@@ -96,13 +96,14 @@ async def complete(state, body: P.CommonRequest, prompts: list[tuple[list[int], 
     k = body.wanted_logprobs()
     echo = bool(getattr(body, "echo", False))
     stops = body.stops()
+    grammar = body.grammar()  # structured output (response_format)
     requests = []
     for ids, text in prompts:
         settings = settings_for(state, gen, body, len(ids))
         for j in range(n):
             try:
                 requests.append((ids, text, gen.request(ids, _nth(settings, j), logprobs=k,
-                                                        echo=echo)))
+                                                        echo=echo, grammar=grammar)))
             except DecodeError as e:
                 raise P.ApiError(400, str(e), e.field, code=e.code) from None
             except DlmError as e:

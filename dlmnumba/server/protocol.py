@@ -4,7 +4,7 @@ Requests are strict: fields of the wrong JSON type and unknown fields are refuse
 fields that change nothing here (`user`, `store`, `metadata`, `service_tier`,
 `parallel_tool_calls` without tools, `stream_options` extras) are accepted and ignored, and
 fields OpenAI defines that we do not implement are refused when they ask for something
-(`tools`, penalties, `logit_bias`, a non-text `response_format`, `suffix`, `best_of` > 1),
+(`tools`, penalties, `logit_bias`, `suffix`, `best_of` > 1),
 never ignored silently.  Diffusion decode settings travel as extra body fields named like the
 config keys (`mode`, `block_size`, ...), validated by the same definitions as CLI and YAML.
 """
@@ -99,6 +99,8 @@ class CommonRequest(_DecodeFields):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = None  # choices per prompt (distinct seeds when sampling)
+    # structured output: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
+    response_format: dict[str, Any] | None = None
     # accepted and ignored: they change nothing here
     user: StrictStr | None = None
     store: StrictBool | None = None
@@ -117,6 +119,28 @@ class CommonRequest(_DecodeFields):
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         return None
+
+    def grammar(self):
+        """The decode.constraint.Grammar response_format asks for (None: plain text)."""
+        from ..decode.constraint import Grammar
+        from ..errors import DecodeError
+
+        rf = self.response_format
+        if not rf or rf.get("type") in (None, "text"):
+            return None
+        try:
+            if rf.get("type") == "json_object":
+                return Grammar.json_object()
+            if rf.get("type") == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise ApiError(400, "response_format json_schema needs 'json_schema': "
+                                        "{'name': ..., 'schema': {...}}", "response_format")
+                return Grammar.json_schema(spec["schema"])
+        except DecodeError as e:
+            raise ApiError(400, str(e), "response_format") from None
+        raise ApiError(400, f"response_format type must be text, json_object or json_schema, "
+                            f"got {rf.get('type')!r}", "response_format")
 
     def choices_per_prompt(self) -> int:
         """n (1 when not given), checked."""
@@ -159,15 +183,12 @@ class ChatRequest(CommonRequest):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: StrictBool | None = None  # accepted (there are no tools)
-    response_format: dict[str, Any] | None = None
 
     def unsupported(self):
         if self.tools:
             return "tools", "tools (function calling) are not supported"
         if self.tool_choice not in (None, "none"):
             return "tool_choice", "tools (function calling) are not supported"
-        if self.response_format and self.response_format.get("type") != "text":
-            return "response_format", "only response_format {'type': 'text'} is supported"
         return super().unsupported()
 
     def wanted_logprobs(self):
