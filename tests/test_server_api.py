@@ -1,6 +1,7 @@
 """The server as tools use it, with the official `openai` client and raw HTTP: log-probabilities
 (against a float64 log-softmax of Model.logits), echo, prompt lists, n, the models, tokenizer
 and schema routes, and every answer counted."""
+import json
 import math
 from pathlib import Path
 
@@ -192,3 +193,31 @@ def test_greedy_logprobs_are_the_committing_pass_probabilities(toy):
     for i, (entry, t) in enumerate(zip(r.out_logprobs, r.out)):
         assert entry.token == t and math.isclose(entry.logprob, lsm[pos - 1 + i, t],
                                                  abs_tol=1e-6)
+
+
+def test_progress_chunks_show_the_block_filling_in_only_when_asked(server):
+    """dlm_progress: extra chunks (no choices) with the block after each pass; masks are null,
+    then tokens; the text is the same as without; without the flag no such chunk."""
+    body = {"messages": [{"role": "user", "content": "Reverse: diffusion"}], "max_tokens": 24,
+            "mode": "iterative", "threshold": 0.99, "block_size": 32, "stream": True}
+
+    def events(extra):
+        out = []
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, **extra},
+                          timeout=TIMEOUT) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    out.append(json.loads(line[6:]))
+        return out
+
+    def text(evs):
+        return "".join(c["delta"].get("content") or "" for e in evs for c in e["choices"])
+
+    plain, watched = events({}), events({"dlm_progress": True})
+    assert not any("dlm" in e for e in plain) and text(plain) == text(watched)
+    prog = [e["dlm"] for e in watched if "dlm" in e]
+    masks = [sum(t is None for t in p["tokens"]) for p in prog]
+    assert len(prog) >= 2 and masks[0] > masks[-1] and all(e["choices"] == []
+                                                           for e in watched if "dlm" in e)
+    passes = [p["forward_passes"] for p in prog]
+    assert passes == sorted(passes)

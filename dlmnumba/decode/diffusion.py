@@ -117,6 +117,14 @@ class DiffusionRequest(Request):
         seg.keep = keep
         return seg
 
+    def progress(self):
+        b = self.block
+        if b is None:
+            return None
+        n = min(len(b.tokens), self.settings.max_tokens - (b.pos - len(self.prompt)))
+        return (b.pos - len(self.prompt),
+                tuple(None if b.masked[i] else int(b.tokens[i]) for i in range(max(0, n))))
+
     def _exact_confidence(self) -> bool:
         return self.policy.needs_confidence and EXACT_CONFIDENCE[self.settings.confidence]
 

@@ -212,6 +212,15 @@ class Request:
             self.error = error
             self._finish("error")
 
+    # set by whoever wants to watch decoding pass by pass (the chat page): the engine then
+    # reports progress() after every pass, not only when tokens are committed
+    report_progress = False
+
+    def progress(self) -> tuple[int, tuple] | None:
+        """What the request is deciding now, for a live view: (output index of the first
+        position, the positions' tokens with None for those still masked), or None."""
+        return None
+
     def pending(self) -> list[int]:
         """Trailing tokens of prompt + output whose K/V are not in the cache."""
         return (self.prompt + self.out)[self.cache.length:]

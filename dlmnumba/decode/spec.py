@@ -140,6 +140,10 @@ class SpecRequest(Request):
             self._accepted += kept
         return new
 
+    def progress(self):
+        # the draft the next pass verifies, after the committed output
+        return (len(self.out), tuple(self.draft)) if self.draft else None
+
     @staticmethod
     def _accept(draft: list[int], picks: list[int]) -> int:
         """How many drafted tokens are accepted: the longest prefix equal to ar's picks."""

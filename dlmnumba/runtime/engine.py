@@ -45,6 +45,8 @@ class RequestOutput:
     # echo, the prompt's (the first None), in every output once computed
     new_logprobs: tuple = ()
     prompt_logprobs: tuple | None = None
+    # when the request reports progress: Request.progress() after this step
+    progress: tuple | None = None
 
     @property
     def error_message(self) -> str | None:
@@ -143,7 +145,7 @@ class Engine:
             rep.prefix_hit_tokens += self._attach(r)
         new = self._run_passes(self._running, rep)
         for r in ended + self._running:
-            if r.id in new or r.finished:
+            if r.id in new or r.finished or r.report_progress:
                 rep.outputs.append(_output(r, new.get(r.id, ())))
         still = []
         for r in self._running:
@@ -241,7 +243,8 @@ def _output(r: Request, new: tuple) -> RequestOutput:
     lps = tuple(r.out_logprobs[len(r.out) - len(new):]) if r.logprobs_k is not None else ()
     prompt = tuple(r.prompt_logprobs) if r.prompt_logprobs is not None else None
     return RequestOutput(r.id, tuple(new), r.stats, r.finished,
-                         tuple(r.out) if r.finished else (), r.error, lps, prompt)
+                         tuple(r.out) if r.finished else (), r.error, lps, prompt,
+                         r.progress() if r.report_progress else None)
 
 
 class QueueFull(DlmError):

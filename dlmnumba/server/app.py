@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
@@ -28,6 +29,7 @@ from .schema import COMPLETION_RESPONSES, ERROR_RESPONSES, install_schema
 from .service import EngineService, Metrics
 
 log = logging.getLogger("dlmnumba.server")
+CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"  # GET /
 
 
 @dataclass
@@ -104,6 +106,11 @@ def create_app(state: ServerState, load: Callable[[], Any] | None = None) -> Fas
                        state.metrics.responses)
     install_errors(app)
     install_schema(app, state.options.model_name)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        """The chat page (static: its requests to the API carry the key it asks for)."""
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health():

@@ -124,6 +124,9 @@ async def complete(state, body: P.CommonRequest, prompts: list[tuple[list[int], 
         for c in choices:
             svc.cancel(c.handle)
         raise P.ApiError(503, str(e), type_="service_unavailable") from None
+    if body.dlm_progress and body.stream:
+        for _, _, r in requests:
+            r.report_progress = True
     reply = _Reply(state, P.new_id("chatcmpl" if chat else "cmpl"), state.options.model_name,
                    chat, k, len(prompts), choices)
     if body.stream:
@@ -163,6 +166,8 @@ class _Reply:
                 yield "error", event[1]
                 return
             c.last = event
+            if event.progress is not None and not event.finished:
+                yield "progress", event.progress, event.stats
             if event.prompt_logprobs is not None and c.prompt_entries is None:
                 c.prompt_entries = event.prompt_logprobs
             text, hit, entries = "", False, []
@@ -294,6 +299,15 @@ class _Reply:
                     open_choices -= 1
                 elif ev[0] == "text":
                     yield self.chunk(c, ev[1], ev[2], None)
+                elif ev[0] == "progress":
+                    offset, tokens = ev[1]
+                    obj = "chat.completion.chunk" if self.chat else "text_completion"
+                    out = P.chunk(self.rid, obj, self.name, [])
+                    out["dlm"] = {"index": c.index, "offset": offset,
+                                  "tokens": [None if t is None else self.text_of(t)
+                                             for t in tokens],
+                                  "forward_passes": ev[2].forward_passes}
+                    yield _sse(out)
                 elif ev[0] == "end":
                     yield self.chunk(c, None if self.chat else "", [], c.finish)
                 else:

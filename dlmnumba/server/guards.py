@@ -13,6 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import protocol as P
 
 log = logging.getLogger("dlmnumba.server")
+# answered without the API key: the health probe, and the chat page's static shell (it holds no
+# data; every request it makes carries the key it asks for)
+OPEN_PATHS = ("/health", "/")
 
 
 def json_error(err: P.ApiError) -> JSONResponse:
@@ -45,7 +48,7 @@ class _Limits:
                     counter.labels(str(message["status"])).inc()
                 await inner(message)
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"] != "/health":
+        if self.api_key and scope["path"] not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):

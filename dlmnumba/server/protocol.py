@@ -99,6 +99,9 @@ class CommonRequest(_DecodeFields):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = None  # choices per prompt (distinct seeds when sampling)
+    # ours: with stream, extra chunks carrying the block being decided after every pass
+    # ("dlm": {"offset", "tokens": [text | null per position], "forward_passes"})
+    dlm_progress: StrictBool = False
     # structured output: {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}
     response_format: dict[str, Any] | None = None
     # accepted and ignored: they change nothing here
