@@ -153,8 +153,6 @@ def model_info(path: Path, load: bool, threads: int | None, config_path: str | N
         click.echo(f"{k + ':':<{width + 2}}{v}")
 
 
-
-
 # -- settings shared by generate, bench and eval -------------------------------------------
 # The settings each decoding command takes as options; flag, type, choices and help come from
 # settings.py.  max_tokens is per command (sampling.max_tokens or benchmark.max_tokens).
@@ -416,6 +414,61 @@ def eval_(tasks, n_per_task, json_path, show_failures, **opts) -> None:
                     "max_tokens": cfg.sampling.max_tokens, "examples_per_task": n_per_task,
                     "threads": m.threads}
         E.write_json(json_path, results, total, settings, B.environment_info())
+
+
+# The decode settings `convert` can store as the file's recommendation (its --block-size, ...).
+CONVERT_RECOMMENDS = {"dlm.block_size": "diffusion.block_size",
+                      "dlm.small_block_size": "diffusion.small_block_size",
+                      "dlm.threshold": "diffusion.threshold",
+                      "dlm.decode_mode": "diffusion.decode_mode"}
+
+
+@main.command("convert")
+@click.argument("src", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--qtype", type=click.Choice(list(QTYPES)), default="TQ2_0", show_default=True,
+              help="Ternary type: TQ1_0/TQ2_0 (llama.cpp), I2_S (bitnet.cpp).")
+@click.option("--arch", type=click.Choice(["bitnet-b1.58", "bitnet"]), default=None,
+              help="Default from hidden_act: relu2 -> bitnet-b1.58, silu -> bitnet.")
+@click.option("--embd-type", type=click.Choice(["F32", "F16", "BF16"]), default="F16",
+              show_default=True, help="Type of the token embedding (and an untied LM head).")
+@click.option("--mask-token", default=None, metavar="TEXT",
+              help="The diffusion mask token (e.g. '|<MASK>|'): the tokenizer's, or added on "
+                   "the checkpoint's spare embedding row.")
+@click.option("--shift-logits/--no-shift-logits", default=True, show_default=True,
+              help="diffusion.shift_logits: logit i predicts token i+1.")
+@click.option("--mode", type=click.Choice(SETTINGS["dlm.decode_mode"].choices), default=None,
+              help="Recommended decode mode to store in the file (diffusion.decode_mode).")
+@click.option("--block-size", type=int, default=None, help="Recommended diffusion block size.")
+@click.option("--small-block-size", type=int, default=None,
+              help="Recommended sub-block size (iterative/adaptive).")
+@click.option("--threshold", type=float, default=None,
+              help="Recommended confidence threshold (iterative/adaptive).")
+@user_errors
+def convert(src: Path, out: Path, qtype: str, arch: str | None, embd_type: str,
+            mask_token: str | None, shift_logits: bool, **recommend) -> None:
+    """Convert a Hugging Face BitNet checkpoint directory SRC to the GGUF file OUT."""
+    import signal
+
+    from .convert.writer import convert as convert_checkpoint
+    from .settings import check_values
+
+    def terminated(signum, frame):  # a kill cleans up like Ctrl-C: no .part file left
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+
+    keys = {SETTINGS[k].param: k for k in CONVERT_RECOMMENDS}  # mode -> dlm.decode_mode, ...
+    chosen = check_values({keys[p]: v for p, v in recommend.items() if v is not None},
+                          "dlmnumba convert")
+    r = convert_checkpoint(src, out, qtype=qtype, arch=arch, embd_type=embd_type,
+                           mask_token=mask_token, shift_logits=shift_logits,
+                           recommended={CONVERT_RECOMMENDS[k]: v for k, v in chosen.items()},
+                           progress=_progress())
+    mask = "none" if r.mask_id is None else f"{r.mask_id}{' (added)' if r.mask_added else ''}"
+    click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {r.qtype}, arch {r.arch}, "
+               f"{r.n_ternary / 1e6:.1f} M ternary weights from {r.form} weights, "
+               f"{r.n_tensors} tensors, mask id {mask}")
 
 
 @main.group("config")

@@ -10,6 +10,11 @@ class ModelFormatError(DlmError):
     """A model file is not a usable BitNet GGUF; the message names the file and what was expected."""
 
 
+class CheckpointError(DlmError):
+    """A Hugging Face checkpoint cannot be converted (`dlmnumba convert`); the message names the
+    file, the tensor or key, and what was expected."""
+
+
 class ConfigError(DlmError, ValueError):
     """A configuration value is unknown, of the wrong type, or out of range (a ValueError too,
     so API callers that catch ValueError for bad settings keep working)."""

@@ -6,6 +6,7 @@ generated from them is noise.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +102,8 @@ def write_synthetic(path: str | Path, preset: str = "tiny", qtype: str = "TQ2_0"
     return write_atomically(w, path, progress)
 
 
-def add_shape_metadata(w, p: Preset) -> None:
-    """The `<arch>.*` hyperparameters of a model of shape p, and token shift on."""
+def add_shape_metadata(w, p: Preset, shift_logits: bool = True) -> None:
+    """The `<arch>.*` hyperparameters of a model of shape p, and `diffusion.shift_logits`."""
     w.add_context_length(p.n_ctx)
     w.add_embedding_length(p.n_embd)
     w.add_block_count(p.n_layer)
@@ -113,19 +114,36 @@ def add_shape_metadata(w, p: Preset) -> None:
     w.add_rope_dimension_count(p.n_embd // p.n_head)
     w.add_layer_norm_rms_eps(p.rms_eps)
     w.add_vocab_size(p.n_vocab)
-    w.add_bool("diffusion.shift_logits", True)
+    w.add_bool("diffusion.shift_logits", shift_logits)
 
 
-def write_atomically(w, path: Path, progress: bool = False) -> Path:
-    """Write a filled gguf.GGUFWriter to path via path.part, so a half-written model never
-    sits under `path`."""
+def write_atomically(w, path: Path, progress: bool = False,
+                     data: Iterable | None = None) -> Path:
+    """Write a gguf.GGUFWriter to path via path.part, so a half-written model never sits under
+    `path`; on any error (Ctrl-C included) the .part file is removed.
+
+    data None writes the tensors given to add_tensor.  Otherwise the writer holds tensor infos
+    only (add_tensor_info, add_ternary_tensor_info) and data yields each one's bytes in that
+    order (numpy arrays, or objects with `nbytes` and `tofile(fp)`), so a converter holds one
+    tensor at a time."""
     tmp = path.with_name(path.name + ".part")
-    w.path = tmp
-    w.write_header_to_file(path=tmp)
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file(progress=progress)
-    w.close()
-    tmp.replace(path)
+    try:
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        if data is None:
+            w.write_tensors_to_file(progress=progress)
+        else:
+            w.write_ti_data_to_file()
+            for tensor in data:
+                w.write_tensor_data(tensor)
+            if any(w.tensors):
+                raise RuntimeError(f"{path}: tensor data ended before the last tensor info")
+        w.close()
+        tmp.replace(path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -145,6 +163,22 @@ def _add_ternary(w, rng: np.random.Generator, name: str, rows: int, cols: int, q
         scale = np.float32(np.float16(scale))  # TQ stores d as f16
         raw = quants.encode_ternary(qt, codes, np.full((rows, cols // 256), scale, np.float32))
         w.add_tensor(name, raw.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType(qt))
+
+
+def add_ternary_tensor_info(w, name: str, rows: int, cols: int, qt: int) -> int:
+    """Register a ternary tensor [rows, cols] of type qt (TQ1_0, TQ2_0 or I2_S) in a
+    gguf.GGUFWriter without its data (written later: write_atomically's `data`); returns the
+    number of bytes its data must have."""
+    import gguf
+
+    nbytes = quants.tensor_nbytes(qt, rows * cols)
+    if qt == I2_S:
+        w.add_tensor_info(name, (rows, cols), np.dtype(np.int8), nbytes)
+        w.tensors[-1][name].dtype = I2_S  # the gguf package has no I2_S type: set the id by hand
+    else:
+        w.add_tensor_info(name, (rows, cols), np.dtype(np.float32), nbytes,
+                          raw_dtype=gguf.GGMLQuantizationType(qt))
+    return nbytes
 
 
 def add_i2s_tensor(w, name: str, codes: np.ndarray, scale: float) -> None:

@@ -85,10 +85,10 @@ class SynthVocab:
     tokens: list[str]  # byte-level strings for BPE tokens, raw text for special ones
     token_types: list[int]  # gguf.TokenType values: 1 normal, 3 control, 5 unused
     merges: list[str]  # "left right", in rank order
-    bos_id: int
-    eos_id: int
-    eot_id: int
-    mask_id: int
+    bos_id: int | None
+    eos_id: int | None
+    eot_id: int | None
+    mask_id: int | None
 
     @property
     def vocab_size(self) -> int:
@@ -197,18 +197,27 @@ def add_tokenizer_metadata(writer: GGUFWriter, vocab: SynthVocab,
                            chat_template: str | None = None) -> None:
     """Write the `tokenizer.*` keys for `vocab` (gpt2 / llama-bpe, BOS added, chat template:
     `chat_template_for(vocab)` unless given)."""
+    add_vocab_metadata(writer, vocab)
+    writer.add_chat_template(chat_template or chat_template_for(vocab))
+
+
+def add_vocab_metadata(writer: GGUFWriter, vocab: SynthVocab, pre: str = PRE,
+                       add_bos: bool = True) -> None:
+    """Write the `tokenizer.ggml.*` keys of a byte-level BPE vocabulary (model gpt2, the given
+    pre-tokenizer; special ids that are None are left out; no chat template)."""
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
-    writer.add_bos_token_id(vocab.bos_id)
-    writer.add_eos_token_id(vocab.eos_id)
-    writer.add_eot_token_id(vocab.eot_id)
-    writer.add_mask_token_id(vocab.mask_id)
-    writer.add_add_bos_token(True)
+    for token_id, add in ((vocab.bos_id, writer.add_bos_token_id),
+                          (vocab.eos_id, writer.add_eos_token_id),
+                          (vocab.eot_id, writer.add_eot_token_id),
+                          (vocab.mask_id, writer.add_mask_token_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(chat_template or chat_template_for(vocab))
 
 
 def build_char_vocab() -> SynthVocab:
@@ -229,11 +238,11 @@ def build_char_vocab() -> SynthVocab:
     return SynthVocab(tokens, types, merges, n_bpe, n_bpe + 1, n_bpe + 9, len(tokens) - 1)
 
 
-def vocab_tokenizer(vocab: SynthVocab):
+def vocab_tokenizer(vocab: SynthVocab, pre: str = PRE, add_bos: bool = True):
     """Our Tokenizer for a SynthVocab, exactly as a GGUF written with it would build it."""
     from ..gguf.tokenizer import Tokenizer
 
     return Tokenizer(vocab.tokens, vocab.token_types,
-                     [tuple(m.split(" ", 1)) for m in vocab.merges], PRE,
+                     [tuple(m.split(" ", 1)) for m in vocab.merges], pre,
                      bos_id=vocab.bos_id, eos_id=vocab.eos_id, eot_id=vocab.eot_id,
-                     mask_id=vocab.mask_id, add_bos=True)
+                     mask_id=vocab.mask_id, add_bos=add_bos)
