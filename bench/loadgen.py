@@ -330,6 +330,53 @@ def llamacpp_server(model: str, threads: int, n_ctx: int) -> Iterator[str]:
         yield url
 
 
+def llama_server_binary(explicit: str | None = None) -> str:
+    """The llama-server binary: `explicit`, $LLAMA_SERVER, one on PATH, or the one
+    scripts/build_llama_server.sh writes to the user cache; a clear error if there is none."""
+    import shutil
+
+    cache = Path(os.environ.get("DLMNUMBA_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlmnumba")
+    for cand in (explicit, os.environ.get("LLAMA_SERVER"), shutil.which("llama-server"),
+                 str(cache / "llama-server" / "llama-server")):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return cand
+    raise SystemExit("llama-server not found: build it with `bash scripts/build_llama_server.sh`"
+                     " (about 10 minutes) or pass --llama-server PATH")
+
+
+@contextlib.contextmanager
+def llama_server(binary: str, model: str, threads: int, n_ctx: int, slots: int
+                 ) -> Iterator[str]:
+    """llama.cpp's own server (continuous batching over `slots` parallel sequences, each with
+    n_ctx tokens of context) in its own process on a free loopback port; yields its base URL."""
+    port = free_port()
+    argv = [binary, "--model", model, "--threads", str(threads), "--threads-batch", str(threads),
+            "--ctx-size", str(n_ctx * slots), "--parallel", str(slots), "--cont-batching",
+            "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(
+        [str(Path(binary).parent), os.environ.get("LD_LIBRARY_PATH", "")]))
+    url = f"http://127.0.0.1:{port}"
+    with subprocess_server(argv, url + "/health", "llama-server", env=env):
+        yield url
+
+
+@contextlib.contextmanager
+def dlmnumba_process_server(model: str, threads: int, extra: dict, max_sequences: int
+                            ) -> Iterator[str]:
+    """`dlmnumba serve` in its own process (as users run it, and as llama-server runs) with
+    the decode settings of `extra` as its defaults; yields its base URL."""
+    port = free_port()
+    argv = [sys.executable, "-m", "dlmnumba", "serve", "--model", model, "--threads",
+            str(threads), "--host", "127.0.0.1", "--port", str(port), "--max-sequences",
+            str(max_sequences), "--log-level", "warning"]
+    for key, value in extra.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    url = f"http://127.0.0.1:{port}"
+    with subprocess_server(argv, url + "/health", "dlmnumba-serve"):
+        yield url
+
+
 def raise_on_sigterm() -> None:
     """SIGTERM ends the bench like Ctrl-C does: `finally` blocks stop the servers."""
     def handler(signum, frame):

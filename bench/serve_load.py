@@ -8,10 +8,14 @@ llama-cpp-python's server on the same GGUF file, driven by the same asyncio load
     python bench/serve_load.py --multi-turn 4        # chat TTFT per turn, prefix cache on/off
 
 Targets: `dlmnumba` (our server in this process, one per setting: `ar`, and greedy diffusion
-with 64-token blocks and block attention; max_sequences = the largest concurrency), `llamacpp`
-(`python -m llama_cpp.server`, same file, same threads, `--interrupt_requests False` so that a
-new request waits instead of cutting the streaming one short; in a subprocess on a free port,
-always stopped at the end), or the URL of a running loopback server.  Each of C clients sends
+with 64-token blocks and block attention; max_sequences = the largest concurrency),
+`dlmnumba-proc` (the same as `dlmnumba serve` in its own process, as users run it),
+`llamacpp` (`python -m llama_cpp.server`, same file, same threads, `--interrupt_requests False`
+so that a new request waits instead of cutting the streaming one short), `llama-server`
+(llama.cpp's own server, continuous batching over as many slots as the largest concurrency,
+each with --n-ctx tokens; build it with `bash scripts/build_llama_server.sh`, or pass
+--llama-server PATH), or the URL of a running loopback server.  Subprocess servers run on a
+free loopback port and are always stopped at the end.  Each of C clients sends
 `--requests-per-client` streaming requests one after another (`/v1/completions`, temperature 0,
 distinct prompts); per request the client times the first non-empty content (TTFT) and [DONE]
 (latency), and takes the completion tokens from the usage chunk (llama-cpp-python sends none:
@@ -24,10 +28,15 @@ token: tokens/request is reported beside every row.  Every measurement stops by 
 (each turn resends the whole history plus a new user message); TTFT per turn, for our server
 with the prefix cache off and on, in the same run.
 
-Issue targets checked at the end: 16 `ar` clients >= 5x llama-cpp-python's tok/s; at 1 client
-greedy latency <= 0.5x `ar`'s; turn-N chat TTFT with the prefix cache <= 0.5x without.
-Note: our server shares this process (and its GIL) with the load generator; llama.cpp's runs
-in its own.
+Issue targets checked at the end: 16 `ar` clients >= 5x llama-cpp-python's tok/s and >= 4x
+llama-server's (the `dlmnumba-proc` row when measured: both servers in their own processes);
+at 1 client greedy latency <= 0.5x `ar`'s; turn-N chat TTFT with the prefix cache <= 0.5x
+without.  The "vs llama" column divides by llama-server's row at the same concurrency when it
+was measured, else by llama-cpp-python's.  Note: the `dlmnumba` target shares this process
+(and its GIL) with the load generator.
+
+    python bench/serve_load.py --target llama-server --target dlmnumba-proc --settings ar \
+        --concurrency 1,16
 """
 from __future__ import annotations
 
@@ -45,6 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import loadgen as L  # noqa: E402
 
+ANCHORS = ("llama-server", "llamacpp")  # llama.cpp's servers: the "vs llama" ratios
+LOCAL_TARGETS = ANCHORS + ("dlmnumba", "dlmnumba-proc")  # started by this script
 SETTINGS = {  # name -> extra body fields (also the server's default decode settings)
     "ar": {"mode": "ar"},
     "greedy": {"mode": "greedy", "block_size": 64, "attention": "block"},
@@ -135,7 +146,7 @@ def warm_up(url: str, extra: dict, chat: bool) -> None:
 
 
 # -- printing -----------------------------------------------------------------------------------
-HEADER = (f"{'target':<10}{'setting':<9}{'C':>4}{'req':>5}{'err':>4}{'cut':>4}{'tok/req':>8}"
+HEADER = (f"{'target':<14}{'setting':<9}{'C':>4}{'req':>5}{'err':>4}{'cut':>4}{'tok/req':>8}"
           f"{'tok/s':>9}{'vs llama':>9}   {'TTFT p50 / p99 (s)':>19}"
           f"   {'latency p50 / p99 (s)':>21}")
 
@@ -147,7 +158,7 @@ def _label(target: str) -> str:
 
 def print_row(r: dict) -> None:
     ratio = f"{r['tok_s_vs_llamacpp']:.2f}x" if r.get("tok_s_vs_llamacpp") else "-"
-    print(f"{_label(r['target']):<10}{r['setting']:<9}{r['concurrency']:>4}{r['requests']:>5}"
+    print(f"{_label(r['target']):<14}{r['setting']:<9}{r['concurrency']:>4}{r['requests']:>5}"
           f"{r['errors']:>4}{r['cut']:>4}{L.fmt(r['tokens_per_request'], '.1f'):>8}"
           f"{L.fmt(r['tok_s']):>9}{ratio:>9}   "
           f"{L.fmt(r['ttft_p50_s']):>9} / {L.fmt(r['ttft_p99_s']):<7}"
@@ -161,7 +172,7 @@ def print_multi(r: dict) -> None:
     lat = "".join(f"{L.fmt(t['latency_p50_s']):>8}" for t in r["turns"])
     errs = sum(t["errors"] for t in r["turns"])
     hits = "-" if r.get("prefix_hit_tokens") is None else f"{r['prefix_hit_tokens']:.0f}"
-    print(f"{_label(r['target']):<10}{r['setting']:<9}{r['cache']:<6}{r['concurrency']:>4}{errs:>4}"
+    print(f"{_label(r['target']):<14}{r['setting']:<9}{r['cache']:<6}{r['concurrency']:>4}{errs:>4}"
           f"{hits:>7}   {cells}   |{lat}", flush=True)
     for t in r["turns"]:
         for e in t["error_samples"]:
@@ -177,11 +188,14 @@ def single_verdicts(rows: list[dict]) -> dict:
     out: dict = {}
     cs = sorted({r["concurrency"] for r in rows})
     top = 16 if 16 in cs else (cs[-1] if cs else None)
-    ar_top, ll_top = get("dlmnumba", "ar", top), get("llamacpp", "plain", top)
-    if ar_top and ll_top and ll_top["tok_s"]:
-        x = ar_top["tok_s"] / ll_top["tok_s"]
-        out["ar_vs_llamacpp_tok_s"] = {"concurrency": top, "ratio": x, "target": 5.0,
-                                       "met": x >= 5.0}
+    ar_top = get("dlmnumba-proc", "ar", top) or get("dlmnumba", "ar", top)
+    for anchor, key, target in (("llamacpp", "ar_vs_llamacpp_tok_s", 5.0),
+                                ("llama-server", "ar_vs_llama_server_tok_s", 4.0)):
+        ll_top = get(anchor, "plain", top)
+        if ar_top and ll_top and ll_top["tok_s"]:
+            x = ar_top["tok_s"] / ll_top["tok_s"]
+            out[key] = {"concurrency": top, "ratio": x, "target": target, "met": x >= target,
+                        "ours": ar_top["target"]}
     ar1, gr1 = get("dlmnumba", "ar", 1), get("dlmnumba", "greedy", 1)
     if ar1 and gr1 and ar1["latency_p50_s"] and gr1["latency_p50_s"] is not None:
         x = gr1["latency_p50_s"] / ar1["latency_p50_s"]
@@ -225,8 +239,9 @@ def multi_verdicts(rows: list[dict], turns: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", action="append",
-                    help="dlmnumba, llamacpp or a loopback URL; repeatable (default: dlmnumba and "
-                         "llamacpp; with --multi-turn: dlmnumba)")
+                    help="dlmnumba, dlmnumba-proc, llamacpp, llama-server or a loopback URL; "
+                         "repeatable (default: dlmnumba and llamacpp; with --multi-turn: "
+                         "dlmnumba)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help="GGUF file (default: the built-in 2B-4T-shaped model)")
     src.add_argument("--preset", help="a synthetic preset written to a temporary folder "
@@ -246,6 +261,9 @@ def main() -> None:
                     help="N-turn chats instead of single completions")
     ap.add_argument("--prefix-cache-tokens", type=int, default=8192,
                     help="prefix cache budget of the 'on' runs (--multi-turn)")
+    ap.add_argument("--llama-server", metavar="PATH",
+                    help="llama-server binary (default: $LLAMA_SERVER, PATH, or the one "
+                         "scripts/build_llama_server.sh writes)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     args = ap.parse_args()
     L.raise_on_sigterm()
@@ -257,14 +275,17 @@ def main() -> None:
             ap.error(f"unknown setting {s!r}; expected one of {', '.join(SETTINGS)}")
     targets = args.target or (["dlmnumba"] if args.multi_turn else ["dlmnumba", "llamacpp"])
     for t in targets:
-        if t not in ("dlmnumba", "llamacpp"):
+        if t not in LOCAL_TARGETS:
             L.check_loopback(t)
+    if "llama-server" in targets:
+        args.llama_server = L.llama_server_binary(args.llama_server)  # fail before measuring
     # llama.cpp first, so every later row can show its ratio against it
-    targets = sorted(targets, key=lambda t: {"llamacpp": 0, "dlmnumba": 1}.get(t, 2))
+    order = {t: i for i, t in enumerate(ANCHORS + ("dlmnumba", "dlmnumba-proc"))}
+    targets = sorted(targets, key=lambda t: order.get(t, len(order)))
 
     tmp = tempfile.TemporaryDirectory(prefix="serve_load-")
     try:
-        if not {"dlmnumba", "llamacpp"} & set(targets):
+        if not set(LOCAL_TARGETS) & set(targets):
             path = None  # URL targets only: each server has its own model
         elif args.preset:
             path = L.preset_model(args.preset, tmp.name)
@@ -298,6 +319,13 @@ def run(args, targets: list[str], settings: list[str], cs: list[int], path: str 
             if t == "llamacpp":
                 yield t, "plain", "-", lambda: L.llamacpp_server(path, args.threads,
                                                                  args.n_ctx), {}
+            elif t == "llama-server":
+                yield t, "plain", "-", lambda: L.llama_server(
+                    args.llama_server, path, args.threads, args.n_ctx, max(cs)), {}
+            elif t == "dlmnumba-proc":
+                for s in settings:
+                    yield t, s, "off", (lambda s=s: L.dlmnumba_process_server(
+                        path, args.threads, SETTINGS[s], max(cs))), dict(SETTINGS[s])
             elif t == "dlmnumba":
                 for s in settings:
                     for cache in caches:
@@ -310,7 +338,7 @@ def run(args, targets: list[str], settings: list[str], cs: list[int], path: str 
                     yield (t, s, "?", (lambda t=t: contextlib.nullcontext(L.check_loopback(t))),
                            dict(SETTINGS.get(s, {})))
 
-    urls = [t for t in targets if t not in ("dlmnumba", "llamacpp")]
+    urls = [t for t in targets if t not in LOCAL_TARGETS]
     print(f"model {path or 'of the server'}; {args.threads} threads; concurrency {cs}; "
           f"{args.requests_per_client if not args.multi_turn else args.multi_turn} "
           f"{'requests' if not args.multi_turn else 'turns'} per client, max_tokens "
@@ -340,9 +368,10 @@ def run(args, targets: list[str], settings: list[str], cs: list[int], path: str 
                     continue
                 r = single_turn(url, extra, c, args, str(tag))
                 r.update(target=target, setting=setting, concurrency=c)
-                ll = next((x for x in rows if x["target"] == "llamacpp"
+                ll = next((x for a in ANCHORS for x in rows if x["target"] == a
                            and x["concurrency"] == c), None)
-                if ll and ll["tok_s"] and r["tok_s"] is not None and target != "llamacpp":
+                if ll and ll["tok_s"] and r["tok_s"] is not None and target not in ANCHORS:
+                    r["vs"] = ll["target"]
                     r["tok_s_vs_llamacpp"] = r["tok_s"] / ll["tok_s"]
                     if ll["latency_p50_s"] and r["latency_p50_s"] is not None:
                         r["latency_p50_vs_llamacpp"] = r["latency_p50_s"] / ll["latency_p50_s"]
@@ -370,10 +399,13 @@ def print_verdicts(v, multi: int) -> None:
                   f"C={x['concurrency']}): {x['ttft_on_s']:.3f} / {x['ttft_off_s']:.3f} s = "
                   f"{x['ratio']:.2f}x (target <= 0.5x: {'met' if x['met'] else 'NOT met'})")
         return
-    if "ar_vs_llamacpp_tok_s" in v:
-        x = v["ar_vs_llamacpp_tok_s"]
-        print(f"  ar tok/s vs llama-cpp-python at C={x['concurrency']}: {x['ratio']:.2f}x "
-              f"(target >= 5x: {'met' if x['met'] else 'NOT met'})")
+    for key, name in (("ar_vs_llamacpp_tok_s", "llama-cpp-python"),
+                      ("ar_vs_llama_server_tok_s", "llama-server")):
+        if key in v:
+            x = v[key]
+            print(f"  ar tok/s ({x['ours']}) vs {name} at C={x['concurrency']}: "
+                  f"{x['ratio']:.2f}x (target >= {x['target']:g}x: "
+                  f"{'met' if x['met'] else 'NOT met'})")
     if "greedy_vs_ar_latency_c1" in v:
         x = v["greedy_vs_ar_latency_c1"]
         tpr = "/".join(L.fmt(t, ".1f") for t in x["tokens_per_request"])

@@ -37,10 +37,12 @@ VEC_BLOCKS = 8  # 16-row blocks per parallel task of the single-token mat-vec
 # amx 49.8 / 62.5 at 16 tokens, 66.8 / 66.7 at 20, 73.4 / 64.0 at 24; vnni512 (no AMX) 54.9 /
 # 86.4 at 16, 102.7 / 132.8 at 32, 195.4 / 231.7 at 65; vnni256 87.2 / 96.3 at 16, 125.9 /
 # 129.4 at 24; avx2 126.1 / 137.3 at 16, 192.3 / 202.3 at 24.  Either kernel computes the same
-# integers.  The SIMD paths switch at 16 although the small kernel still led beyond it here:
-# the AMD machines (vnni512 without AMX, where the block kernel was tuned) were not measured,
-# and block passes (17+ tokens) keep the kernel they were tuned on there.
-SMALL_MAX_ROWS = {"amx": 16, "vnni512": 16, "vnni256": 16, "avx2": 16, "portable": 64}
+# integers.  On a 2-core AMD EPYC (vnni512, the small kernel's 1 x 8 tile): 17.0 / 54.9 at 2,
+# 68.0 / 91.5 at 16, 107.2 / 132.4 at 24, 211.3 / 232.1 at 48, 351.8 / 314.9 at 65 (a second
+# run: 307 / 330), 431.4 / 432.8 at 96: vnni512 switches after 48.  The other SIMD paths
+# switch at 16 although the small kernel still led beyond it on the Intel machine: their
+# machines were not measured at larger M.
+SMALL_MAX_ROWS = {"amx": 16, "vnni512": 48, "vnni256": 16, "avx2": 16, "portable": 64}
 AMX_MIN_ROWS = SMALL_MAX_ROWS["amx"] + 1  # fewest tokens the 'amx' path runs on tiles
 
 
@@ -357,8 +359,17 @@ def _vec_generic(out, q, qsum, xscale, packed, scales):
     ternary_matvec_simd(3, 1, out, q, qsum, xscale, packed, scales)
 
 
+# the small-batch tiles, measured per machine kind (bench/kernels.py --crossover and a tile
+# sweep, 30 layers of 2B-4T's matrices from memory): on the AMD EPYC (vnni512) one weight
+# vector x 8 tokens beats 2 x 8 by 10-17% at M = 8-16 (fewer accumulators in flight); the
+# Intel Xeon with AMX keeps the 2 x 8 it was tuned with.
 @jit
 def _small_vnni512(out, q, qsum, xscale, packed, scales):
+    ternary_matmul_small(0, 1, 8, out, q, qsum, xscale, packed, scales)
+
+
+@jit
+def _small_amx(out, q, qsum, xscale, packed, scales):
     ternary_matmul_small(0, 2, 8, out, q, qsum, xscale, packed, scales)
 
 
@@ -377,8 +388,8 @@ def _small_generic(out, q, qsum, xscale, packed, scales):
     ternary_matmul_small(3, 1, 4, out, q, qsum, xscale, packed, scales)
 
 
-SIMD_SMALL = {"vnni512": _small_vnni512, "vnni256": _small_vnni256, "avx2": _small_avx2,
-              "portable": _small_generic}
+SIMD_SMALL = {"amx": _small_amx, "vnni512": _small_vnni512, "vnni256": _small_vnni256,
+              "avx2": _small_avx2, "portable": _small_generic}
 SIMD_MATMUL = {"vnni512": _simd_vnni512, "vnni256": _simd_vnni256, "avx2": _simd_avx2}
 SIMD_MATVEC = {"vnni512": _vec_vnni512, "vnni256": _vec_vnni256, "avx2": _vec_avx2,
                "portable": _vec_generic}
@@ -430,7 +441,8 @@ def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.
             raise ValueError(f"the mat-vec kernel takes one token, got {m}")
         SIMD_MATVEC[simd_path(path)](out, q, qsum, xscale, packed, scales)
     elif kernel == "small":
-        SIMD_SMALL[simd_path(path)](out, q, qsum, xscale, packed, scales)
+        SIMD_SMALL[path if path in SIMD_SMALL else simd_path(path)](out, q, qsum, xscale,
+                                                                    packed, scales)
     elif kernel == "amx":
         require_amx("kernel path")
         # whole 16-row tiles (zero rows): one tile configuration throughout
