@@ -7,8 +7,8 @@ from the same int8 activations, ~95% elsewhere.  Int8 activation quantization is
 a value within float32 noise of a rounding tie (k + 0.5) may round one way here and the other
 in torch, and that row and every later one (causal attention) then differ by ~1e-2 relative
 (tests/test_parity.py measures the same); rows before such a flip agree to ~1e-6.  A tie in the
-last layer moves its own row only.  Measured on eight 48-token runs (token seeds 0-7, 2-core
-Xeon): cosine >= 0.99996, rows from the same codes 3e-7, 4 to 48 of 48 rows before the first
+last layer moves its own row only.  Measured on eight 48-token runs (token seeds 0-7, 2-core AMD
+EPYC): cosine >= 0.99996, rows from the same codes 3e-7, 4 to 48 of 48 rows before the first
 flip (the test's seed: 47, a last-layer tie at row 0), top-1 >= 0.979; transformers' own
 BitLinear (packed) and AutoBitLinear (master) forwards of the same weights differ the same way
 on the same row.  The checkpoints keep their norm weights in float32
