@@ -10,7 +10,10 @@ from pathlib import Path
 import click
 
 from .chat import chat_prompt, prompt_text, seed_chat
+from .convert.weights import EMBD_TYPES
+from .convert.writer import ARCHS as CONVERT_ARCHS
 from .errors import DlmError
+from .model_source import RECOMMENDED_KEYS
 from .settings import REFINING_MODES, SETTINGS
 from .synth.models import PRESETS, QTYPES
 from .tasks import TASKS
@@ -416,11 +419,9 @@ def eval_(tasks, n_per_task, json_path, show_failures, **opts) -> None:
         E.write_json(json_path, results, total, settings, B.environment_info())
 
 
-# The decode settings `convert` can store as the file's recommendation (its --block-size, ...).
-CONVERT_RECOMMENDS = {"dlm.block_size": "diffusion.block_size",
-                      "dlm.small_block_size": "diffusion.small_block_size",
-                      "dlm.threshold": "diffusion.threshold",
-                      "dlm.decode_mode": "diffusion.decode_mode"}
+# The decode settings `convert` can store as the file's recommendation (its --block-size, ...):
+# setting key -> GGUF key, the inverse of what model_source reads back.
+CONVERT_RECOMMENDS = {key: gguf_key for gguf_key, key in RECOMMENDED_KEYS.items()}
 
 
 @main.command("convert")
@@ -428,22 +429,16 @@ CONVERT_RECOMMENDS = {"dlm.block_size": "diffusion.block_size",
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--qtype", type=click.Choice(list(QTYPES)), default="TQ2_0", show_default=True,
               help="Ternary type: TQ1_0/TQ2_0 (llama.cpp), I2_S (bitnet.cpp).")
-@click.option("--arch", type=click.Choice(["bitnet-b1.58", "bitnet"]), default=None,
+@click.option("--arch", type=click.Choice(list(CONVERT_ARCHS)), default=None,
               help="Default from hidden_act: relu2 -> bitnet-b1.58, silu -> bitnet.")
-@click.option("--embd-type", type=click.Choice(["F32", "F16", "BF16"]), default="F16",
+@click.option("--embd-type", type=click.Choice(EMBD_TYPES), default="F16",
               show_default=True, help="Type of the token embedding (and an untied LM head).")
 @click.option("--mask-token", default=None, metavar="TEXT",
               help="The diffusion mask token (e.g. '|<MASK>|'): the tokenizer's, or added on "
                    "the checkpoint's spare embedding row.")
 @click.option("--shift-logits/--no-shift-logits", default=True, show_default=True,
               help="diffusion.shift_logits: logit i predicts token i+1.")
-@click.option("--mode", type=click.Choice(SETTINGS["dlm.decode_mode"].choices), default=None,
-              help="Recommended decode mode to store in the file (diffusion.decode_mode).")
-@click.option("--block-size", type=int, default=None, help="Recommended diffusion block size.")
-@click.option("--small-block-size", type=int, default=None,
-              help="Recommended sub-block size (iterative/adaptive).")
-@click.option("--threshold", type=float, default=None,
-              help="Recommended confidence threshold (iterative/adaptive).")
+@_setting_options(tuple(CONVERT_RECOMMENDS))  # stored as the file's recommended settings
 @user_errors
 def convert(src: Path, out: Path, qtype: str, arch: str | None, embd_type: str,
             mask_token: str | None, shift_logits: bool, **recommend) -> None:

@@ -243,8 +243,8 @@ def _list_safetensors(path: Path) -> list[TensorEntry]:
 
     try:
         with safe_open(str(path), framework="numpy") as f:
-            checked = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape()))
-                       for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            checked = {k: (t.get_dtype(), tuple(t.get_shape())) for k, t in slices.items()}
     except (SafetensorError, OSError) as e:
         raise _fail(path, f"not a valid safetensors file ({e})") from None
     with open(path, "rb") as fh:

@@ -17,6 +17,7 @@ Hugging Face vocabulary too.
 """
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Grammar:
     description: str  # for messages: "JSON", "JSON schema"
 
     @classmethod
+    @functools.cache  # a fixed grammar: compiled and checked once
     def json_object(cls) -> "Grammar":
         """Any JSON object (OpenAI's response_format json_object)."""
         return cls.json_schema({"type": "object"}, "JSON object")

@@ -138,12 +138,12 @@ class Request:
             from .constraint import Constraint
             self.constraint = Constraint(grammar, model.tokenizer, model.n_vocab, self.eog)
         self.out_logprobs: list[TokenLogprob | None] = []
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # set once
         self._scoring = None
         if echo and logprobs is not None:
             n = len(self.prompt)
             if n == 1:
-                self.prompt_logprobs = [None]
+                self.prompt_logprobs = (None,)
             else:
                 self._scoring = Segment(
                     self.prompt, model.new_cache(n), np.arange(n, dtype=np.int32),
@@ -182,11 +182,11 @@ class Request:
         if seg is self._scoring:  # echo: the prompt's log-probabilities, then decoding
             self._scoring = None
             lp, k = seg.logprobs_out, self.logprobs_k
-            self.prompt_logprobs = [None] + [
+            self.prompt_logprobs = (None,) + tuple(
                 TokenLogprob(int(t), float(lp.target_lps[i]),
                              tuple((int(a), float(b)) for a, b in
                                    zip(lp.top_ids[i, :k], lp.top_lps[i, :k])))
-                for i, t in enumerate(self.prompt[1:])]
+                for i, t in enumerate(self.prompt[1:]))
             return []
         self._last_logits = None
         if seg.output is Output.LOGITS:
@@ -277,8 +277,11 @@ class Request:
             self._finish("stop")
 
     def _wanted(self) -> LogprobsWanted | None:
-        """What the passes ask for besides the output: alternatives per row, if logprobs."""
-        return None if self.logprobs_k is None else LogprobsWanted(max(1, self.logprobs_k))
+        """What the passes ask for besides the output: alternatives per row, if logprobs
+        (none under a grammar: its entries come from the pass's logits, `_row_entry`)."""
+        if self.logprobs_k is None or self.constraint is not None:
+            return None
+        return LogprobsWanted(max(1, self.logprobs_k))
 
     def _entries(self, rows, tokens) -> list[TokenLogprob] | None:
         """The log-probability entries of `tokens` at rows `rows` of the pass being fed."""

@@ -31,7 +31,7 @@ def attention(out, q, k_cache, v_cache, key_pos, n_keys, query_pos, block_size, 
     # sharing it run as the rows of register tiles (simd.f32_tile): scores = q kt, then
     # values = p v.  Keys after the last one any of the task's queries can see are skipped
     # (the slots past n_keys, up to the tile's 16-key group, are read and never used).
-    m_rows, n_heads, d = q.shape
+    m_rows, n_heads = q.shape[0], q.shape[1]
     n_kv = k_cache.shape[0]
     group = n_heads // n_kv
     n_chunks = (m_rows + Q_CHUNK - 1) // Q_CHUNK

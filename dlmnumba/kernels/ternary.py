@@ -18,7 +18,7 @@ import numpy as np
 from numba import prange
 
 from .cpu import jit, pjit
-from .dispatch import simd_path
+from .dispatch import PATHS as KERNEL_PATHS, simd_path
 from .simd import COLS, KSTEP, PACK_K, PATHS as SIMD_PATHS, VEC, bcast_tile, packed_tile
 from .simd import packed_vec, prefetch, unpack16
 from .amx import (N_C, TILE_K, TILE_ROWS, require_amx, tile_config, tile_pass, tile_release,
@@ -390,6 +390,7 @@ def _small_generic(out, q, qsum, xscale, packed, scales):
 
 SIMD_SMALL = {"amx": _small_amx, "vnni512": _small_vnni512, "vnni256": _small_vnni256,
               "avx2": _small_avx2, "portable": _small_generic}
+assert set(SIMD_SMALL) == set(KERNEL_PATHS)  # every path has its own small kernel
 SIMD_MATMUL = {"vnni512": _simd_vnni512, "vnni256": _simd_vnni256, "avx2": _simd_avx2}
 SIMD_MATVEC = {"vnni512": _vec_vnni512, "vnni256": _vec_vnni256, "avx2": _vec_avx2,
                "portable": _vec_generic}
@@ -441,8 +442,7 @@ def ternary_matmul(out: np.ndarray, q: np.ndarray, qsum: np.ndarray, xscale: np.
             raise ValueError(f"the mat-vec kernel takes one token, got {m}")
         SIMD_MATVEC[simd_path(path)](out, q, qsum, xscale, packed, scales)
     elif kernel == "small":
-        SIMD_SMALL[path if path in SIMD_SMALL else simd_path(path)](out, q, qsum, xscale,
-                                                                    packed, scales)
+        SIMD_SMALL[path](out, q, qsum, xscale, packed, scales)
     elif kernel == "amx":
         require_amx("kernel path")
         # whole 16-row tiles (zero rows): one tile configuration throughout

@@ -16,8 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..gguf.spec import ModelSpec
-
-LANES = 16  # capacity granule: the score tiles' key group
+from ..kernels.attention import LANES  # capacity granule: the score tiles' key group
 
 
 class KVCache:

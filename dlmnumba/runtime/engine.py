@@ -241,9 +241,8 @@ class Engine:
 
 def _output(r: Request, new: tuple) -> RequestOutput:
     lps = tuple(r.out_logprobs[len(r.out) - len(new):]) if r.logprobs_k is not None else ()
-    prompt = tuple(r.prompt_logprobs) if r.prompt_logprobs is not None else None
     return RequestOutput(r.id, tuple(new), r.stats, r.finished,
-                         tuple(r.out) if r.finished else (), r.error, lps, prompt,
+                         tuple(r.out) if r.finished else (), r.error, lps, r.prompt_logprobs,
                          r.progress() if r.report_progress else None)
 
 

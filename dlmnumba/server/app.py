@@ -107,10 +107,12 @@ def create_app(state: ServerState, load: Callable[[], Any] | None = None) -> Fas
     install_errors(app)
     install_schema(app, state.options.model_name)
 
+    page_html = CHAT_PAGE.read_text(encoding="utf-8")
+
     @app.get("/", include_in_schema=False)
     async def page():
         """The chat page (static: its requests to the API carry the key it asks for)."""
-        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
+        return HTMLResponse(page_html)
 
     @app.get("/health")
     async def health():

@@ -108,27 +108,25 @@ async def complete(state, body: P.CommonRequest, prompts: list[tuple[list[int], 
                 raise P.ApiError(400, str(e), e.field, code=e.code) from None
             except DlmError as e:
                 raise P.ApiError(400, str(e)) from None
+    if body.dlm_progress and body.stream:  # before the engine thread can step them
+        for _, _, r in requests:
+            r.report_progress = True
     loop = asyncio.get_running_loop()
     choices: list[Choice] = []
     try:
         for i, (ids, text, r) in enumerate(requests):
             choices.append(Choice(i, ids, svc.submit(r, loop), StopMatcher(stops),
                                   text if echo else ""))
-    except QueueFull as e:
+    except (QueueFull, ShuttingDown) as e:
         for c in choices:
             svc.cancel(c.handle)
+        if isinstance(e, ShuttingDown):
+            raise P.ApiError(503, str(e), type_="service_unavailable") from None
         state.metrics.requests.labels("rejected").inc()
         raise P.ApiError(429, f"{e}; retry later", type_="rate_limit_exceeded",
                          code="queue_full", headers={"Retry-After": "1"}) from None
-    except ShuttingDown as e:
-        for c in choices:
-            svc.cancel(c.handle)
-        raise P.ApiError(503, str(e), type_="service_unavailable") from None
-    if body.dlm_progress and body.stream:
-        for _, _, r in requests:
-            r.report_progress = True
     reply = _Reply(state, P.new_id("chatcmpl" if chat else "cmpl"), state.options.model_name,
-                   chat, k, len(prompts), choices)
+                   chat, k, sum(len(ids) for ids, _ in prompts), choices)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(reply.stream(include_usage), media_type="text/event-stream",
@@ -139,10 +137,10 @@ async def complete(state, body: P.CommonRequest, prompts: list[tuple[list[int], 
 class _Reply:
     """The choices of one HTTP request, read and answered."""
 
-    def __init__(self, state, rid: str, name: str, chat: bool, k: int | None, n_prompts: int,
-                 choices: list[Choice]):
+    def __init__(self, state, rid: str, name: str, chat: bool, k: int | None,
+                 prompt_tokens: int, choices: list[Choice]):
         self.state, self.rid, self.name, self.chat, self.k = state, rid, name, chat, k
-        self.n_prompts, self.choices = n_prompts, choices
+        self.prompt_tokens, self.choices = prompt_tokens, choices  # one count per prompt
         tok = state.generator.model.tokenizer
         self.text_of = lambda t: tok.decode([t], skip_special=False)
 
@@ -203,9 +201,7 @@ class _Reply:
     # -- the answer -------------------------------------------------------------------------
     def usage(self) -> dict[str, Any]:
         stats = [c.last.stats for c in self.choices if c.last is not None]
-        prompt = sum(len(c.prompt) for c in self.choices[::max(1, len(self.choices)
-                                                                // self.n_prompts)])
-        return P.usage(prompt, sum(len(c.tokens) for c in self.choices),
+        return P.usage(self.prompt_tokens, sum(len(c.tokens) for c in self.choices),
                        sum(s.forward_passes for s in stats),
                        min((s.ttft_s for s in stats), default=0.0),
                        sum(s.draft_tokens for s in stats), sum(s.accepted_tokens for s in stats))

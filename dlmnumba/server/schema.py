@@ -52,12 +52,9 @@ def install_schema(app: FastAPI, model_name: str) -> None:
             for path, ops in doc.get("paths", {}).items():
                 for op in ops.values():
                     responses = op.setdefault("responses", {})
-                    if "422" in responses:  # we answer 400 in OpenAI's shape instead
-                        del responses["422"]
-                        responses.setdefault("400", {
-                            "description": "Invalid request",
-                            "content": {"application/json": {
-                                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+                    # we answer 400 in OpenAI's shape instead (every such route declares it:
+                    # ERROR_RESPONSES)
+                    responses.pop("422", None)
                     for param in op.get("parameters", []):
                         if param.get("name") == "model_id":
                             param["example"] = model_name
@@ -67,10 +64,6 @@ def install_schema(app: FastAPI, model_name: str) -> None:
             schemas = doc.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
-            schemas.setdefault("ErrorBody", ErrorBody.model_json_schema())
-            schemas.setdefault("ErrorResponse", {
-                "title": "ErrorResponse", "type": "object", "required": ["error"],
-                "properties": {"error": {"$ref": "#/components/schemas/ErrorBody"}}})
             app.openapi_schema = doc
         return app.openapi_schema
 
