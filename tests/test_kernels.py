@@ -314,6 +314,35 @@ def test_every_kernel_path_is_exact(path, kernel, m, k, n):
     assert np.array_equal(out, expect)
 
 
+@pytest.mark.parametrize("table", ["SIMD_MATVEC", "SIMD_SMALL"])
+def test_each_machine_kinds_tuned_variant_is_exact(table):
+    """The mat-vec and small-batch variants tuned per machine kind (e.g. 'amx' keeps the Intel
+    Xeon's 2-vector streams, 'vnni512' the AMD EPYC's single one) run their SIMD path's
+    instructions: each one this CPU can execute is exact, whatever machine runs the tests."""
+    from dlmnumba.kernels import ternary
+    from dlmnumba.kernels.dispatch import simd_path, supported_paths
+    if NO_JIT:
+        pytest.skip("LLVM intrinsics (every SIMD kernel) need the JIT")
+    rng = np.random.default_rng(3)
+    n, k = 200, 1152
+    codes = rng.integers(0, 3, (n, k), dtype=np.uint8)
+    packed = pack_codes(codes)
+    ran = []
+    for key, fn in getattr(ternary, table).items():
+        if simd_path(key) not in supported_paths():
+            continue
+        for m in ((1,) if table == "SIMD_MATVEC" else (2, 7, 8, 9, 16)):
+            q = np.zeros((-(-m // 6) * 6, padded_k(k)), np.int8)
+            q[:m, :k] = rng.integers(-128, 128, (m, k))
+            qsum = q.astype(np.int32).sum(1).astype(np.int32)
+            out = np.empty((m, n), np.float32)
+            fn(out, q, qsum, np.ones(m, np.float32), packed, np.ones((n, 1), np.float32))
+            acc = q[:m, :k].astype(np.int64) @ (codes.astype(np.int64) - 1).T
+            assert np.array_equal(out, acc.astype(np.float32)), (key, m)
+        ran.append(key)
+    assert ran  # the portable entry runs everywhere
+
+
 @pytest.mark.parametrize("path", ["amx", "vnni512", "vnni256", "portable"])
 def test_int8_lm_head_exact_and_fused(path):
     """int8 LM head vs the integer reference; fused argmax/confidence vs the full logits."""
