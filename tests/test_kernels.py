@@ -344,8 +344,10 @@ def test_each_machine_kinds_tuned_variant_is_exact(table):
 
 
 @pytest.mark.parametrize("path", ["amx", "vnni512", "vnni256", "portable"])
-def test_int8_lm_head_exact_and_fused(path):
-    """int8 LM head vs the integer reference; fused argmax/confidence vs the full logits."""
+@pytest.mark.parametrize("m", [7, 12, 14])
+def test_int8_lm_head_exact_and_fused(path, m):
+    """int8 LM head vs the integer reference; fused argmax/confidence vs the full logits (M
+    on 4-token tiles and, 12, on 6-token tiles)."""
     from dlmnumba.kernels.dispatch import supported_paths
     from dlmnumba.kernels.lm_head import LM_HEAD, LM_ROWS, combine_partials, interleave_rows
     if NO_JIT:
@@ -353,7 +355,7 @@ def test_int8_lm_head_exact_and_fused(path):
     if path != "portable" and path not in supported_paths():
         pytest.skip(f"this CPU cannot execute the {path} path")
     rng = np.random.default_rng(11)
-    m, k, v = 7, 1280, 301  # v not a multiple of the tile or of LM_ROWS; K over K_CHUNK
+    k, v = 1280, 301  # v not a multiple of the tile or of LM_ROWS; K over K_CHUNK
     rows = np.zeros((-(-v // LM_ROWS) * LM_ROWS, k), np.int8)
     rows[:v] = rng.integers(-128, 128, (v, k))
     rows[3] = -128  # the extreme value on one row
@@ -362,7 +364,7 @@ def test_int8_lm_head_exact_and_fused(path):
     e_sum = rows[:v].astype(np.int32).sum(1).astype(np.int32)
     q = rng.integers(-128, 128, (m, k))
     q[1] = 127
-    u = np.full((12, k), 128, np.uint8)
+    u = np.full((-(-m // 6) * 6, k), 128, np.uint8)  # padding rows as quantize_head_input's
     u[:m] = q + 128
     xs = rng.uniform(50, 200, m).astype(np.float32)
     logits = np.empty((m, v), np.float32)

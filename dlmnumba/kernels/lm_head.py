@@ -100,14 +100,21 @@ def lm_head_int8(path, n_vec, logits, part, u, xscale, e8, e_inv, e_sum, exclude
             for c0 in range(0, blocks, nv):
                 bcast_tile(lit, 1, nv, 0, e8[b0 + c0].ctypes.data, vstride, u.ctypes.data, kp,
                            kp // KSTEP, acc.ctypes.data + c0 * COLS * 4, LM_ROWS * 4)
-        else:
+        else:  # tiles of 6 tokens, or of 4 where they pad fewer rows (8 tokens: 8, not 12)
+            four = -(-m_rows // 4) * 4 < mp
             for k0 in range(0, kp, K_CHUNK):
                 steps = (min(kp, k0 + K_CHUNK) - k0) // KSTEP
-                for t0 in range(0, mp, M_ALIGN):
+                for t0 in range(0, mp, 4 if four else M_ALIGN):
+                    if four and t0 >= m_rows:
+                        break
                     for c0 in range(0, blocks, nv):
-                        bcast_tile(lit, 6, nv, 0, e8[b0 + c0, k0 // KSTEP].ctypes.data,
-                                   vstride, u.ctypes.data + t0 * kp + k0, kp, steps,
-                                   acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4, LM_ROWS * 4)
+                        w = e8[b0 + c0, k0 // KSTEP].ctypes.data
+                        x = u.ctypes.data + t0 * kp + k0
+                        o = acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4
+                        if four:
+                            bcast_tile(lit, 4, nv, 0, w, vstride, x, kp, steps, o, LM_ROWS * 4)
+                        else:
+                            bcast_tile(lit, 6, nv, 0, w, vstride, x, kp, steps, o, LM_ROWS * 4)
         _int8_emit(acc, logits, part, t, xscale, e_inv, e_sum, exclude)
 
 

@@ -27,7 +27,7 @@ from ..kernels.dispatch import select_path
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .batch import AttentionMask, HeadPass, Output, Pass, Segment
 from .heads import HEAD_KINDS, LMHead, head_logprobs, make_head
-from .kv_cache import KVCache
+from .kv_cache import KVCache, PassWrites
 from .weights import Weights, load_weights
 
 
@@ -224,28 +224,29 @@ class Model:
         def linear(out, q, wt):
             ternary_matmul(out, q, qsum, xs, wt.packed, wt.scales, wt.group, self.kernel)
 
-        many = None  # several segments: their caches for one attention_many call per layer
+        many = None  # several segments: one K/V write and one attention_many call per layer
         if len(segments) > 1:
-            ks, vs, kps = List(), List(), List()
+            writes = PassWrites([seg.cache for seg in segments], firsts, bounds)
+            kps = List()
             for seg in segments:
-                ks.append(seg.cache.k)
-                vs.append(seg.cache.v)
                 kps.append(seg.cache.pos)
-            many = (ks, vs, kps, np.asarray([seg.cache.length for seg in segments], np.int64),
+            many = (writes.k, writes.v, kps,
+                    np.asarray([seg.cache.length for seg in segments], np.int64),
                     np.asarray(bounds, np.int64), pos,
                     np.array([seg.mask.block_size for seg in segments], np.int64),
                     np.array([seg.mask.open_from for seg in segments], np.int64))
 
         def attend(li, q, k, v):
-            # per segment: its K/V into its cache, its queries against its cache (several
-            # segments: one kernel call over all of them)
-            for i, seg in enumerate(segments):
-                a, b, c = bounds[i], bounds[i + 1], seg.cache
-                c.write(li, firsts[i], k[a:b], v[a:b])
-                if many is None:
-                    attn_k.attention(att, q, c.k[li], c.v[li], c.pos, c.length, pos,
-                                     seg.mask.block_size, seg.mask.open_from, scale)
-            if many is not None:
+            # the new K/V into the caches, then the queries against them (several segments:
+            # one kernel call for all the writes, one for all the attention)
+            if many is None:
+                seg = segments[0]
+                c = seg.cache
+                c.write(li, firsts[0], k, v)
+                attn_k.attention(att, q, c.k[li], c.v[li], c.pos, c.length, pos,
+                                 seg.mask.block_size, seg.mask.open_from, scale)
+            else:
+                writes.write(li, k, v)
                 attn_k.attention_many(att, q, *many, scale, li)
 
         # Each BitLinear input is normed and quantized to int8 by one fused kernel

@@ -13,10 +13,14 @@ layer), `load` (K/V computed elsewhere: the prefix cache's pages, the dual cache
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+from numba.typed import List
 
 from ..gguf.spec import ModelSpec
 from ..kernels.attention import LANES  # capacity granule: the score tiles' key group
+from ..kernels.cpu import jit
 
 
 class KVCache:
@@ -80,12 +84,15 @@ class KVCache:
 
     def write(self, layer: int, first: int, k: np.ndarray, v: np.ndarray) -> None:
         """K/V [m, n_head_kv, head_dim] of one layer into slots first..first+m (in use)."""
-        m = k.shape[0]
+        self.check_slots(first, k.shape[0])
+        self.k[layer, :, :, first:first + k.shape[0]] = k.transpose(1, 2, 0)
+        self.v[layer, :, first:first + k.shape[0]] = v.transpose(1, 0, 2)
+
+    def check_slots(self, first: int, m: int) -> None:
+        """Slots first..first+m are in use (a write may go there)."""
         if not 0 <= first <= first + m <= self._length:
             raise ValueError(f"slots {first}..{first + m} are not in use (length "
                              f"{self._length})")
-        self.k[layer, :, :, first:first + m] = k.transpose(1, 2, 0)
-        self.v[layer, :, first:first + m] = v.transpose(1, 0, 2)
 
     def load(self, start: int, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
         """Slots start.. hold K/V [n_layer, n_head_kv, n, head_dim] at these positions, and
@@ -120,3 +127,41 @@ class KVCache:
         if not 0 <= start <= stop <= self._length:
             raise ValueError(f"slots {start}..{stop} are not in use (length {self._length})")
         return self.k[..., start:stop].transpose(0, 1, 3, 2), self.v[:, :, start:stop]
+
+
+class PassWrites:
+    """The K/V writes of one forward pass over several caches (a batched step): each cache's
+    new slots checked once, then each layer's rows of every cache written by one kernel call
+    (one `write` per sequence and layer cost a 16-sequence `ar` step ~5 ms of Python).  `k`,
+    `v` are the caches' arrays as typed lists, which the attention kernel reads too; valid
+    while no cache grows (`append` reserves every slot of the pass before it runs)."""
+
+    def __init__(self, caches: Sequence[KVCache], firsts: Sequence[int],
+                 bounds: Sequence[int]):
+        # cache i's rows of the pass are bounds[i]..bounds[i+1], its slots from firsts[i]
+        for c, f, a, b in zip(caches, firsts, bounds, bounds[1:]):
+            c.check_slots(f, b - a)
+        self.k, self.v = List(), List()
+        for c in caches:
+            self.k.append(c.k)
+            self.v.append(c.v)
+        self.firsts = np.asarray(firsts, np.int64)
+        self.bounds = np.asarray(bounds, np.int64)
+
+    def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Rows of K/V [M, n_head_kv, head_dim] of one layer into their caches' slots."""
+        _write_rows(self.k, self.v, layer, self.firsts, self.bounds, k, v)
+
+
+@jit
+def _write_rows(ks, vs, layer, firsts, bounds, k, v):
+    # cache i: ks[i][layer, h, d, firsts[i] + j] = k[bounds[i] + j, h, d] (keys transposed),
+    # vs[i][layer, h, firsts[i] + j, d] = v[bounds[i] + j, h, d]
+    for i in range(len(ks)):
+        kc, vc = ks[i], vs[i]
+        for r in range(bounds[i], bounds[i + 1]):
+            slot = firsts[i] + r - bounds[i]
+            for h in range(k.shape[1]):
+                for d in range(k.shape[2]):
+                    kc[layer, h, d, slot] = k[r, h, d]
+                    vc[layer, h, slot, d] = v[r, h, d]
