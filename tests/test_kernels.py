@@ -453,10 +453,15 @@ def test_rmsnorm_quantize_equals_the_separate_kernels(with_res):
     q = np.full((mp, kp), 99, np.int8)
     xs = np.empty(m, np.float32)
     qsum = np.full(mp, 99, np.int32)
-    ops.rmsnorm_quantize(q, xs, qsum, x, res, w, 1e-5)
+    assert ops.rmsnorm_quantize(q, xs, qsum, x, res, w, 1e-5) is True  # every row has a scale
     assert np.array_equal(x, expect_x)
     for got, want in zip((q, xs, qsum), ref):
         assert np.array_equal(got, want)
+    for bad in (np.inf, np.nan):  # a row with no int8 scale is reported, on any row
+        x2 = expect_x.copy()
+        x2[m - 1, 3] = bad
+        assert ops.rmsnorm_quantize(q, xs, qsum, x2, np.empty((0, e), np.float32), w,
+                                    1e-5) is False
 
 
 @pytest.mark.parametrize("silu", [False, True])
@@ -478,7 +483,11 @@ def test_act_rmsnorm_quantize(silu):
     q = np.full((mp, kp), 99, np.int8)
     xs = np.empty(m, np.float32)
     qsum = np.full(mp, 99, np.int32)
-    ops.act_rmsnorm_quantize(q, xs, qsum, gu, f, w, 1e-5, silu)
+    for bad in (np.inf, np.nan):  # an activation with no int8 scale is reported
+        gu2 = gu.copy()
+        gu2[1, f + 7] = bad
+        assert ops.act_rmsnorm_quantize(q, xs, qsum, gu2, f, w, 1e-5, silu) is False
+    assert ops.act_rmsnorm_quantize(q, xs, qsum, gu, f, w, 1e-5, silu) is True
     assert np.all(q[m:] == 0) and np.all(q[:, f:] == 0) and np.all(qsum[m:] == 0)
     assert np.array_equal(qsum[:m], q[:m].astype(np.int64).sum(1))
     if silu:

@@ -115,8 +115,12 @@ def rmsnorm_quantize(q, xscale, qsum, x, res, weight, eps):
             for i in range(e):
                 x[m, i] += res[m, i]
         buf = x[m].copy()
-        r = np.float32(1.0 / np.sqrt(_sum_squares(buf) / e + eps))
+        ss = _sum_squares(buf)
+        r = np.float32(1.0 / np.sqrt(ss / e + eps))
         xscale[m], qsum[m] = _quantize_normed(q[m], buf, r, weight)
+        if not np.isfinite(ss):  # an inf / NaN input (its absmax skipped the NaNs): no scale
+            xscale[m] = np.float32(0.0)
+    return _scales_ok(xscale, m_rows)
 
 
 @pjit
@@ -136,8 +140,23 @@ def act_rmsnorm_quantize(q, xscale, qsum, gate_up, n_ff, weight, eps, silu):
             for i in range(n_ff):
                 g = max(gate[i], np.float32(0.0))
                 buf[i] = g * g * up[i]
-        r = np.float32(1.0 / np.sqrt(_sum_squares(buf) / n_ff + eps))
+        ss = _sum_squares(buf)
+        r = np.float32(1.0 / np.sqrt(ss / n_ff + eps))
         xscale[m], qsum[m] = _quantize_normed(q[m], buf, r, weight)
+        if not np.isfinite(ss):  # an inf / NaN activation: no scale
+            xscale[m] = np.float32(0.0)
+    return _scales_ok(xscale, m_rows)
+
+
+@jit
+def _scales_ok(xscale, m_rows):
+    # every row has an int8 scale: 127 / max|x| > 0 and not NaN (a row with inf / NaN in its
+    # input, or whose normed values overflow, has none; the caller refuses the pass).  What
+    # the fused kernels return.
+    for m in range(m_rows):
+        if not xscale[m] > 0:
+            return False
+    return True
 
 
 @pjit
