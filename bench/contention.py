@@ -6,8 +6,11 @@ Each round runs `dlmnumba bench` (the built-in default model; greedy, and `--mod
 tokens) once idle and once beside a busy loop pinned to one core (a separate process that stops
 by itself after --busy-seconds), with the default wait policy (waiting threads spin 10,000
 times, then sleep: dlmnumba/kernels/cpu.py), with libgomp's own default (a long spin:
-GOMP_SPINCOUNT=300000) and with OMP_WAIT_POLICY=passive (sleep at once).  Prints tok/s and the
-busy / idle ratio of each; the machine must otherwise be idle.
+GOMP_SPINCOUNT=300000) and with OMP_WAIT_POLICY=passive (sleep at once); the default also with
+its thread count fixed (`threads_yield` off: every pass on all threads, where the default gives
+up a core that another program keeps busy, kernels/cpu.py:CpuShare); the other two policies run
+with fixed threads, as they were measured before.  Prints tok/s and the busy / idle ratio of
+each; the machine must otherwise be idle.
 """
 from __future__ import annotations
 
@@ -43,10 +46,18 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--busy-seconds", type=float, default=120.0)
+    ap.add_argument("--policies", help="comma-separated name prefixes of the policies to run "
+                    "(default: all)")
     args = ap.parse_args()
     core = sorted(os.sched_getaffinity(0))[-1]
-    policies = {"default (10,000 spins)": {}, "libgomp default spin": {"GOMP_SPINCOUNT": "300000"},
-                "passive": {"OMP_WAIT_POLICY": "passive"}}
+    policies = {"default (10,000 spins)": {},
+                "fixed threads": {"DLMNUMBA_THREADS_YIELD": "false"},
+                "libgomp default spin": {"GOMP_SPINCOUNT": "300000",
+                                         "DLMNUMBA_THREADS_YIELD": "false"},
+                "passive": {"OMP_WAIT_POLICY": "passive", "DLMNUMBA_THREADS_YIELD": "false"}}
+    if args.policies:
+        policies = {k: v for k, v in policies.items()
+                    if any(k.startswith(p) for p in args.policies.split(","))}
     modes = {"greedy": (args.max_tokens, ()), "ar": (32, ("--mode", "ar"))}
     got = {(p, mo): {"idle": [], "busy": []} for p in policies for mo in modes}
     for _ in range(args.rounds):

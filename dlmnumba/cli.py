@@ -163,8 +163,8 @@ DECODE_OPTION_KEYS = (
     "model_path", "dlm.decode_mode", "dlm.block_size", "dlm.small_block_size", "dlm.threshold",
     "dlm.max_iterations_per_block", "dlm.mask_token_id", "dlm.attention", "dlm.kv_commit",
     "dlm.dual_cache", "dlm.confidence", "dlm.draft_size", "dlm.draft_policy",
-    "threads", "kernel", "lm_head", "sampling.temperature", "sampling.top_k", "sampling.top_p",
-    "sampling.seed", "sampling.ignore_eos",
+    "threads", "threads_yield", "kernel", "lm_head", "sampling.temperature", "sampling.top_k",
+    "sampling.top_p", "sampling.seed", "sampling.ignore_eos",
 )
 
 

@@ -102,7 +102,8 @@ def open_model(cfg, default: str = "bench", note: Callable[[str], None] = lambda
     source = file if file is not None else str(
         resolve_model_path(cfg.model_path, default, note, progress))
     return load_model(source, threads=cfg.threads, progress=progress,
-                      kernel=None if cfg.kernel == "auto" else cfg.kernel, lm_head=cfg.lm_head)
+                      kernel=None if cfg.kernel == "auto" else cfg.kernel, lm_head=cfg.lm_head,
+                      threads_yield=cfg.threads_yield)
 
 
 def _as_written(value: Any) -> Any:

@@ -125,6 +125,9 @@ SETTINGS_LIST: tuple[Setting, ...] = (
             "the API key like every route but /health)."),
     Setting("threads", int, None, "Compute threads; unset (null) = physical cores.", nullable=True,
             check=at_least(1)),
+    Setting("threads_yield", bool, True, "Run each pass on fewer threads while other programs "
+            "keep this process's cores busy (measured every 0.25 s; the output does not depend "
+            "on it): a parallel loop waits for its slowest thread."),
     Setting("kernel", str, "auto", "int8 kernel instruction path: auto = the fastest this CPU "
             "has.", choices=("auto", *KERNEL_PATHS)),
     Setting("lm_head", str, "exact", "LM head: exact = the file's embedding as stored (greedy "

@@ -145,3 +145,67 @@ def test_screened_argmax_from_threads(tiny):
 
     with ThreadPoolExecutor(2) as ex:
         assert all(ex.map(run, [0, 1, 0, 1]))
+
+
+def test_cpu_share_gives_up_the_cores_others_keep_busy(monkeypatch):
+    """CpuShare's arithmetic on scripted readings: others' busy time (allowed CPUs' busy time
+    minus our own) of at least GIVE_UP of a core costs a thread, never the last one; readings
+    come at most every INTERVAL; it comes back when the others stop."""
+    from dlmnumba.kernels import cpu
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(cpu.time, "monotonic", lambda: clock["t"])
+    share = cpu.CpuShare(4)
+    readings = []  # (others' cores, our cores) over each next second
+    state = {"busy": 0.0, "own": 0.0}
+
+    def sample():
+        others, own = readings.pop(0) if readings else (0.0, 0.0)
+        state["busy"] += others + own
+        state["own"] += own
+        return clock["t"], state["busy"], state["own"]
+
+    monkeypatch.setattr(share, "_sample", sample)
+    share._last = (0.0, 0.0, 0.0)
+    seen = []
+    for others, own in [(0.1, 4.0), (0.5, 3.5), (2.2, 1.8), (3.9, 0.1), (0.0, 4.0), (0.29, 3.0)]:
+        clock["t"] += 1.0
+        readings.append((others, own))
+        seen.append(share.threads())
+        clock["t"] += share.INTERVAL / 2  # too soon for a new reading: the same count
+        assert share.threads() == seen[-1] and not readings
+        clock["t"] -= share.INTERVAL / 2
+    assert seen == [4, 3, 2, 1, 4, 4]
+    assert cpu.CpuShare(4, enabled=False).threads() == 4
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity")
+                    or len(__import__("os").sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs to keep one busy")
+def test_cpu_share_sees_a_real_busy_process():
+    """A busy loop pinned to one of our CPUs costs a thread within a few readings (we stay
+    idle meanwhile, so the loop has its core to itself); when it ends the thread comes back."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from dlmnumba.kernels.cpu import CpuShare
+
+    share = CpuShare(2)
+    cpu_id = sorted(os.sched_getaffinity(0))[-1]
+    code = ("import os, sys, time\nos.sched_setaffinity(0, {%d})\nend = time.time() + 3\n"
+            "while time.time() < end:\n    pass\n" % cpu_id)
+    busy = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 2.5
+        while share.threads() != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert share.current == 1
+    finally:
+        busy.wait(timeout=10)
+    deadline = time.monotonic() + 3
+    time.sleep(share.INTERVAL)  # a reading wholly after the loop
+    while share.threads() != 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert share.current == 2

@@ -108,6 +108,21 @@ def _task(out, q, kt, v, key_pos, n_keys, query_pos, block_size, open_from, scal
 
 
 @jit
+def write_kv_rows(k_caches, v_caches, layer, firsts, bounds, k, v):
+    # cache i (k_caches[i] [L, H, D, slots], keys transposed; v_caches[i] [L, H, slots, D]):
+    # slots firsts[i] + j <- rows bounds[i] + j of k, v [M, H, D], for one layer (the K/V
+    # writes of a batched pass, model/kv_cache.py:PassWrites)
+    for i in range(len(k_caches)):
+        kc, vc = k_caches[i], v_caches[i]
+        for r in range(bounds[i], bounds[i + 1]):
+            slot = firsts[i] + r - bounds[i]
+            for h in range(k.shape[1]):
+                for d in range(k.shape[2]):
+                    kc[layer, h, d, slot] = k[r, h, d]
+                    vc[layer, h, slot, d] = v[r, h, d]
+
+
+@jit
 def _limit(qp, block_size, open_from):
     # the last key position a query at qp sees
     if open_from >= 0 and qp >= open_from:

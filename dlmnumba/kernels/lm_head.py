@@ -29,6 +29,10 @@ from .ternary import M_ALIGN
 
 LM_ROWS = 64  # vocabulary rows per parallel task (4 vectors of 16); E rows padded to this
 K_CHUNK = 1024  # k per pass over the task's rows (they and the token tiles stay in L2)
+# tokens per tile of a several-token pass where M_ALIGN's (6) would pad more rows (8 tokens:
+# 8 rows, not 12; AMD EPYC, vnni512: 12.8 instead of 14.5-17.9 ms); the literal in
+# lm_head_int8's tile call
+SMALL_TILE = 4
 U_OFFSET = 128  # added to int8 activations to make them unsigned
 # CPU path -> the path of the LM head's tile: avx2's vpmaddubsw would saturate on u8 x s8
 # products (unsigned activations against int8 weights), so avx2 runs the portable tile
@@ -93,6 +97,8 @@ def lm_head_int8(path, n_vec, logits, part, u, xscale, e8, e_inv, e_sum, exclude
     nv = numba.literally(n_vec)
     vstride = kp * COLS  # bytes per vector of 16 rows
     blocks = LM_ROWS // COLS
+    # 8 tokens run as 2 x 4, not 2 x 6 (u's rows up to mp exist either way)
+    small = -(-m_rows // SMALL_TILE) * SMALL_TILE < mp
     for t in prange((v + LM_ROWS - 1) // LM_ROWS):
         acc = np.zeros((mp, LM_ROWS), np.int32)
         b0 = t * blocks
@@ -100,21 +106,25 @@ def lm_head_int8(path, n_vec, logits, part, u, xscale, e8, e_inv, e_sum, exclude
             for c0 in range(0, blocks, nv):
                 bcast_tile(lit, 1, nv, 0, e8[b0 + c0].ctypes.data, vstride, u.ctypes.data, kp,
                            kp // KSTEP, acc.ctypes.data + c0 * COLS * 4, LM_ROWS * 4)
-        else:  # tiles of 6 tokens, or of 4 where they pad fewer rows (8 tokens: 8, not 12)
-            four = -(-m_rows // 4) * 4 < mp
-            for k0 in range(0, kp, K_CHUNK):
-                steps = (min(kp, k0 + K_CHUNK) - k0) // KSTEP
-                for t0 in range(0, mp, 4 if four else M_ALIGN):
-                    if four and t0 >= m_rows:
-                        break
-                    for c0 in range(0, blocks, nv):
-                        w = e8[b0 + c0, k0 // KSTEP].ctypes.data
-                        x = u.ctypes.data + t0 * kp + k0
-                        o = acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4
-                        if four:
-                            bcast_tile(lit, 4, nv, 0, w, vstride, x, kp, steps, o, LM_ROWS * 4)
-                        else:
-                            bcast_tile(lit, 6, nv, 0, w, vstride, x, kp, steps, o, LM_ROWS * 4)
+        else:  # tiles of M_ALIGN tokens, or of SMALL_TILE where they pad fewer rows
+            if small:
+                for k0 in range(0, kp, K_CHUNK):
+                    steps = (min(kp, k0 + K_CHUNK) - k0) // KSTEP
+                    for t0 in range(0, m_rows, SMALL_TILE):
+                        for c0 in range(0, blocks, nv):
+                            bcast_tile(lit, 4, nv, 0, e8[b0 + c0, k0 // KSTEP].ctypes.data,
+                                       vstride, u.ctypes.data + t0 * kp + k0, kp, steps,
+                                       acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4,
+                                       LM_ROWS * 4)
+            else:
+                for k0 in range(0, kp, K_CHUNK):
+                    steps = (min(kp, k0 + K_CHUNK) - k0) // KSTEP
+                    for t0 in range(0, mp, M_ALIGN):
+                        for c0 in range(0, blocks, nv):
+                            bcast_tile(lit, 6, nv, 0, e8[b0 + c0, k0 // KSTEP].ctypes.data,
+                                       vstride, u.ctypes.data + t0 * kp + k0, kp, steps,
+                                       acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4,
+                                       LM_ROWS * 4)
         _int8_emit(acc, logits, part, t, xscale, e_inv, e_sum, exclude)
 
 
@@ -275,6 +285,7 @@ LM_HEAD = {"amx": _lm_amx, "vnni512": _lm_vnni512, "vnni256": _lm_vnni256,
            "portable": _lm_portable}
 assert all(SIMD_PATHS.index(p) == i for i, p in ((0, "vnni512"), (1, "vnni256"), (3, "portable")))
 assert set(TILE_PATH) == set(KERNEL_PATHS) and set(TILE_PATH.values()) == set(LM_HEAD)
+assert SMALL_TILE == 4 and M_ALIGN == 6  # the literals of lm_head_int8's tile calls
 
 
 def lm_head_int8_run(path: str, logits: np.ndarray, part: np.ndarray, u: np.ndarray,

@@ -105,7 +105,8 @@ def _absmax(x, floor):
 def rmsnorm_quantize(q, xscale, qsum, x, res, weight, eps):
     # x[M, E] += res (when res has rows; the residual add), then q, xscale, qsum =
     # quantize_rows(rmsnorm(x, weight, eps)) in one pass per row: the same float operations
-    # as rmsnorm followed by quantize_rows, without writing the normed rows
+    # as rmsnorm followed by quantize_rows, without writing the normed rows; -> whether every
+    # row got a scale (_scales_ok)
     m_rows, e = x.shape
     for m in prange(q.shape[0]):
         if m >= m_rows:  # padding row
@@ -126,7 +127,8 @@ def rmsnorm_quantize(q, xscale, qsum, x, res, weight, eps):
 @pjit
 def act_rmsnorm_quantize(q, xscale, qsum, gate_up, n_ff, weight, eps, silu):
     # g = relu(gate)^2 * up (silu: silu(gate) * up), gate_up[M, 2F] = [gate | up]; then
-    # q, xscale, qsum = quantize_rows(rmsnorm(g, weight, eps)), as the separate kernels compute
+    # q, xscale, qsum = quantize_rows(rmsnorm(g, weight, eps)), as the separate kernels compute;
+    # -> whether every row got a scale (_scales_ok)
     m_rows = gate_up.shape[0]
     for m in prange(q.shape[0]):
         if m >= m_rows:  # padding row

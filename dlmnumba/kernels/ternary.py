@@ -339,10 +339,10 @@ def _simd_avx2(out, q, qsum, xscale, packed, scales):
     ternary_matmul_simd(2, 1, out, q, qsum, xscale, packed, scales)
 
 
-# the mat-vec's weight vectors per stream, per machine kind: on the 2-core AMD EPYC (vnni512),
-# 30 layers' gate|up + down from memory (398 MB), one vector (a single sequential stream per
-# task) read 28.8 GB/s against 21.3 for 2, 4 or 8 at a time (read bandwidth 32.2 GB/s, same
-# run); the Intel Xeon with AMX keeps the 2 it was tuned with
+# the mat-vec's weight vectors (streams) read side by side per task, per machine kind: on the
+# 2-core AMD EPYC (vnni512), 30 layers' gate|up + down from memory (398 MB), one vector (a
+# single sequential stream per task) read 28.8 GB/s against 21.3 for 2, 4 or 8 at a time (read
+# bandwidth 32.2 GB/s, same run); the Intel Xeon with AMX keeps the 2 it was tuned with
 @jit
 def _vec_vnni512(out, q, qsum, xscale, packed, scales):
     ternary_matvec_simd(0, 1, out, q, qsum, xscale, packed, scales)

@@ -15,14 +15,13 @@ from typing import Sequence
 
 import numba
 import numpy as np
-from numba.typed import List
 
 from ..errors import ModelFormatError, TokenRangeError
 from ..gguf.reader import GGUFFile
 from ..gguf.spec import ModelSpec
 from ..kernels import attention as attn_k
 from ..kernels import ops
-from ..kernels.cpu import set_threads
+from ..kernels.cpu import CpuShare, set_threads
 from ..kernels.dispatch import select_path
 from ..kernels.ternary import M_ALIGN, padded_k, ternary_matmul
 from .batch import AttentionMask, HeadPass, Output, Pass, Segment
@@ -38,7 +37,8 @@ class Model:
     Thread-safe: passes from several threads run one at a time (each is parallel inside)."""
 
     def __init__(self, source: "str | GGUFFile", threads: int | None = None,
-                 progress: bool = False, kernel: str | None = None, lm_head: str = "exact"):
+                 progress: bool = False, kernel: str | None = None, lm_head: str = "exact",
+                 threads_yield: bool = True):
         t0 = time.perf_counter()
         self.kernel = select_path(kernel)  # int8 matmul instruction path (kernels/dispatch.py)
         if lm_head not in HEAD_KINDS:
@@ -50,6 +50,8 @@ class Model:
         self.spec = ModelSpec.from_metadata(self.file.metadata, self.path)
         self._tokenizer = None
         self.threads = set_threads(threads)
+        # the threads of each pass: fewer while other programs keep this process's cores busy
+        self.cpu_share = CpuShare(self.threads, enabled=threads_yield)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -196,7 +198,7 @@ class Model:
         """Run all segments' rows through every layer; per segment, the final-normed hidden
         states of its wanted rows, then of its kept rows."""
         s, w = self.spec, self.weights
-        numba.set_num_threads(self.threads)
+        numba.set_num_threads(self.cpu_share.threads())
         ids = np.concatenate([p[0] for p in plan])
         pos = np.concatenate([p[1] for p in plan])
         m = len(ids)
@@ -227,12 +229,9 @@ class Model:
         many = None  # several segments: one K/V write and one attention_many call per layer
         if len(segments) > 1:
             writes = PassWrites([seg.cache for seg in segments], firsts, bounds)
-            kps = List()
-            for seg in segments:
-                kps.append(seg.cache.pos)
-            many = (writes.k, writes.v, kps,
+            many = (writes.k, writes.v, writes.pos,
                     np.asarray([seg.cache.length for seg in segments], np.int64),
-                    np.asarray(bounds, np.int64), pos,
+                    writes.bounds, pos,
                     np.array([seg.mask.block_size for seg in segments], np.int64),
                     np.array([seg.mask.open_from for seg in segments], np.int64))
 
@@ -287,10 +286,10 @@ class Model:
         return np.split(out, np.cumsum([len(p[2]) for p in plan])[:-1])
 
     def _check_scales(self, ok: bool, layer: int, norm: str) -> None:
-        # ok: the fused norm + int8 kernel found every row's scale > 0.  A BitLinear input with
-        # inf/NaN has no int8 scale (127 / max|x| is 0 or NaN): it would quantize to arbitrary
-        # values and decode to wrong tokens, so stop instead (xs = 127 / max(|x|, 1e-5) is
-        # never +inf: it is > 0 unless an input was inf (scale 0) or NaN (NaN scale))
+        # ok: the fused norm + int8 kernel gave every row an int8 scale.  A row whose input
+        # held inf / NaN (the kernel sets its scale to 0) or whose normed values overflow
+        # (127 / inf = 0) has none: it would quantize to arbitrary values and decode to wrong
+        # tokens, so stop instead
         if not ok:
             self._overflow(f"layer {layer}'s {norm} output")
 
@@ -343,11 +342,15 @@ class Model:
 
 
 def load_model(path: "str | GGUFFile", threads: int | None = None, progress: bool = False,
-               kernel: str | None = None, lm_head: str = "exact") -> Model:
+               kernel: str | None = None, lm_head: str = "exact",
+               threads_yield: bool = True) -> Model:
     """Load a BitNet GGUF model (TQ1_0, TQ2_0 or I2_S ternary weights) from a path or an
     opened GGUFFile.
 
     kernel forces an int8 instruction path (vnni512, vnni256, avx2, portable); default: the
     fastest this CPU supports, or $DLMNUMBA_KERNEL.  lm_head 'exact' keeps the stored
-    embedding (F16/F32/...) for the logits; 'int8' quantizes it per row at load (VNNI path)."""
-    return Model(path, threads=threads, progress=progress, kernel=kernel, lm_head=lm_head)
+    embedding (F16/F32/...) for the logits; 'int8' quantizes it per row at load (VNNI path).
+    threads_yield: run a pass on fewer threads while other programs keep this process's cores
+    busy (kernels.cpu.CpuShare); the results do not depend on the thread count."""
+    return Model(path, threads=threads, progress=progress, kernel=kernel, lm_head=lm_head,
+                 threads_yield=threads_yield)

@@ -6,8 +6,9 @@ call; values as v[layer, head, slot, dim].  Capacity is a multiple of LANES (the
 keys in groups of 16).  `view` and `load` speak the plain [layer, head, slot, dim] form.
 
 The cache owns its writes: `append` (new slots of a forward pass), `write` (their K/V, layer by
-layer), `load` (K/V computed elsewhere: the prefix cache's pages, the dual cache's block) and
-`truncate` are the only code that changes `k`, `v`, `pos` or `length`
+layer; `PassWrites.write` for every cache of a batched pass at once), `load` (K/V computed
+elsewhere: the prefix cache's pages, the dual cache's block) and `truncate` are the only code
+that changes `k`, `v`, `pos` or `length`
 (tests/test_layers.py checks it).  Everyone else reads, through `view` or the arrays themselves
 (the attention kernels take them as they are).
 """
@@ -20,7 +21,7 @@ from numba.typed import List
 
 from ..gguf.spec import ModelSpec
 from ..kernels.attention import LANES  # capacity granule: the score tiles' key group
-from ..kernels.cpu import jit
+from ..kernels.attention import write_kv_rows
 
 
 class KVCache:
@@ -73,8 +74,8 @@ class KVCache:
     # -- writes ------------------------------------------------------------------------------
     def append(self, positions: np.ndarray) -> int:
         """Open len(positions) slots after the ones in use, at these absolute positions; return
-        the first.  Their K/V are written by `write`, layer by layer, before anything reads
-        them (a forward pass does both)."""
+        the first.  Their K/V are written by `write` (or `PassWrites.write`), layer by layer,
+        before anything reads them (a forward pass does both)."""
         n = len(positions)
         self.reserve(n)
         first = self._length
@@ -139,29 +140,26 @@ class PassWrites:
     def __init__(self, caches: Sequence[KVCache], firsts: Sequence[int],
                  bounds: Sequence[int]):
         # cache i's rows of the pass are bounds[i]..bounds[i+1], its slots from firsts[i]
+        if not len(caches) == len(firsts) == len(bounds) - 1:
+            raise ValueError(f"{len(caches)} caches, {len(firsts)} first slots and "
+                             f"{len(bounds)} row bounds: expected n, n and n + 1")
         for c, f, a, b in zip(caches, firsts, bounds, bounds[1:]):
             c.check_slots(f, b - a)
-        self.k, self.v = List(), List()
+        self.k, self.v, self.pos = List(), List(), List()
         for c in caches:
             self.k.append(c.k)
             self.v.append(c.v)
+            self.pos.append(c.pos)
         self.firsts = np.asarray(firsts, np.int64)
         self.bounds = np.asarray(bounds, np.int64)
+        s = caches[0].spec
+        self._shape = (int(self.bounds[-1]), s.n_head_kv, s.head_dim)
+        self._layers = s.n_layer
 
     def write(self, layer: int, k: np.ndarray, v: np.ndarray) -> None:
         """Rows of K/V [M, n_head_kv, head_dim] of one layer into their caches' slots."""
-        _write_rows(self.k, self.v, layer, self.firsts, self.bounds, k, v)
+        if k.shape != self._shape or v.shape != self._shape or not 0 <= layer < self._layers:
+            raise ValueError(f"K/V {k.shape} / {v.shape} of layer {layer} do not fit the pass: "
+                             f"expected {self._shape}, layer < {self._layers}")
+        write_kv_rows(self.k, self.v, layer, self.firsts, self.bounds, k, v)
 
-
-@jit
-def _write_rows(ks, vs, layer, firsts, bounds, k, v):
-    # cache i: ks[i][layer, h, d, firsts[i] + j] = k[bounds[i] + j, h, d] (keys transposed),
-    # vs[i][layer, h, firsts[i] + j, d] = v[bounds[i] + j, h, d]
-    for i in range(len(ks)):
-        kc, vc = ks[i], vs[i]
-        for r in range(bounds[i], bounds[i + 1]):
-            slot = firsts[i] + r - bounds[i]
-            for h in range(k.shape[1]):
-                for d in range(k.shape[2]):
-                    kc[layer, h, d, slot] = k[r, h, d]
-                    vc[layer, h, slot, d] = v[r, h, d]
