@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
+if str(Path(__file__).parent) not in sys.path:  # imported from the tests: appended there
+    sys.path.append(str(Path(__file__).parent))
 from llamacpp import LlamaCpp  # noqa: E402
 
 

@@ -325,7 +325,9 @@ def hf_logits(path: str | Path, tokens, linear_class: str = "bitlinear", model=N
 def _llamacpp(path: str | Path, n_ctx: int, n_threads: int):
     """bench/llamacpp.py's runner in exact mode: F32 KV cache, no (F16) flash attention, and
     n_ubatch = n_batch = n_ctx since a non-causal decode needs the whole batch in one ubatch."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:  # last: bench/kernels.py must not shadow HF's `kernels` package
+        sys.path.append(bench)
     from llamacpp import LlamaCpp
 
     return contextlib.closing(LlamaCpp(str(path), n_ctx=n_ctx, n_threads=n_threads,

@@ -71,7 +71,7 @@ def test_defaults_equal_dataclass_defaults_and_spec():
     assert cfg == Config()
     assert config_to_dict(cfg) == {
         "model_path": None, "host": "127.0.0.1", "port": 30000, "api_key": None,
-        "max_request_bytes": 1048576, "openapi": True, "threads": None,
+        "max_request_bytes": 1048576, "openapi": True, "threads": None, "threads_yield": True,
         "kernel": "auto", "lm_head": "exact",
         "dlm": {"block_size": 64, "small_block_size": 8, "threshold": 0.9, "mask_token_id": None,
                 "max_iterations_per_block": 10, "decode_mode": "greedy", "attention": "block",

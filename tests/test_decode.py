@@ -13,7 +13,11 @@ from dlmnumba.decode.policies import step_threshold
 from dlmnumba.errors import DecodeError
 from dlmnumba.model.batch import AttentionMask, Output, Segment
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+# bench/ last on the path: its kernels.py would shadow the `kernels` package (Hugging Face's)
+# that transformers imports when installed
+BENCH = str(Path(__file__).resolve().parents[1] / "bench")
+if BENCH not in sys.path:
+    sys.path.append(BENCH)
 
 PROMPT = [1007, 39, 735, 78, 271, 285, 493, 5, 600, 7, 88]  # 11 tokens: not block aligned
 
