@@ -16,6 +16,7 @@ from .simd import F16_LANES, F16_TILE, exp_sum, f16_rows
 
 BOUND_MARGIN = 1e-4  # relative slack on the screening bound (its own float32 rounding)
 LOGIT_ROUNDING = 1e-6  # >= the relative rounding of an int8-head logit (4 float32 operations)
+SCAN_ROWS = 64  # rows per chunk of the screen's first pass (a chunk's highest upper bound)
 
 
 def exact_sum_error(k: int) -> float:
@@ -76,20 +77,25 @@ def screen_exact_f16(tokens, conf, approx, u, xscale, h, e16, err_h, norm8, excl
         row = approx[m]
         if 0 <= exclude < v:
             row[exclude] = -np.inf
-        lo = _best_lower_bound(row, err_h, norm8, a32, b32)
-        # rows that may win, in ascending order, rescored 4 at a time (independent chains)
+        chunk_hi = np.empty(-(-v // SCAN_ROWS), np.float32)
+        lo = _scan_bounds(row, err_h, norm8, a32, b32, chunk_hi)
+        # rows that may win, in ascending order, rescored 4 at a time (independent chains);
+        # only the chunks whose highest upper bound reaches lo are scanned row by row
         acc = np.zeros((F16_TILE, F16_LANES), np.float32)
         pend = np.zeros(F16_TILE, np.int64)
         n = 0
         best, best_val = -1, np.float32(-np.inf)
-        for r in range(v):
-            x = row[r]
-            if x + _bound(x, err_h[r], norm8[r], a32, b32) >= lo and x != -np.inf:
-                pend[n] = r
-                n += 1
-                if n == F16_TILE:
-                    best, best_val = _rescore(row, pend, n, e16, acc, h[m], best, best_val)
-                    n = 0
+        for c in range(chunk_hi.shape[0]):
+            if chunk_hi[c] < lo:
+                continue
+            for r in range(c * SCAN_ROWS, min(v, (c + 1) * SCAN_ROWS)):
+                x = row[r]
+                if x + _bound(x, err_h[r], norm8[r], a32, b32) >= lo and x != -np.inf:
+                    pend[n] = r
+                    n += 1
+                    if n == F16_TILE:
+                        best, best_val = _rescore(row, pend, n, e16, acc, h[m], best, best_val)
+                        n = 0
         best, best_val = _rescore(row, pend, n, e16, acc, h[m], best, best_val)
         tokens[m] = best
         conf[m] = np.float32(1.0) / exp_sum(row.ctypes.data, v, best_val) if best >= 0 else 0.0
@@ -132,11 +138,20 @@ def _bound(x, err_h, norm8, a, b):
 
 
 @jit(fastmath={"nnan"})
-def _best_lower_bound(row, err_h, norm8, a, b):
-    # max over rows of approx - bound (-inf rows: excluded); max is exact in any order
+def _scan_bounds(row, err_h, norm8, a, b, chunk_hi):
+    # -> max over rows of approx - bound (the best lower bound; -inf rows: excluded), and
+    # chunk_hi[c] = max over chunk c's SCAN_ROWS rows of approx + bound: the same float
+    # operations as the row test of screen_exact_f16, and max is exact in any order, so a
+    # chunk whose chunk_hi is below the lower bound has no row that passes the test
     lo = np.float32(-np.inf)
-    for r in range(row.shape[0]):
-        lo = max(lo, row[r] - _bound(row[r], err_h[r], norm8[r], a, b))
+    n = row.shape[0]
+    for c in range(chunk_hi.shape[0]):
+        hi = np.float32(-np.inf)
+        for r in range(c * SCAN_ROWS, min(n, (c + 1) * SCAN_ROWS)):
+            bd = _bound(row[r], err_h[r], norm8[r], a, b)
+            lo = max(lo, row[r] - bd)
+            hi = max(hi, row[r] + bd)
+        chunk_hi[c] = hi
     return lo
 
 
