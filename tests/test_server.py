@@ -402,3 +402,43 @@ def test_full_waiting_queue_is_429_with_retry_after(synth_model):
         assert _metric(srv, 'dlmnumba_requests_total{outcome="rejected"}') == 1
     finally:
         srv.stop()
+
+
+WARM_CHECK = r"""
+import sys
+import numba
+import dlmnumba, dlmnumba.kernels as K
+from dlmnumba import DecodeSettings, Generator
+from dlmnumba.runtime.warmup import warm_up
+import importlib, pkgutil
+
+mods = [importlib.import_module("dlmnumba.kernels." + i.name) for i in pkgutil.iter_modules(K.__path__)]
+def signatures():
+    return {f"{m.__name__}.{n}": len(d.signatures) for m in mods for n, d in vars(m).items()
+            if isinstance(d, numba.core.registry.CPUDispatcher)}
+m = dlmnumba.load_model(sys.argv[1])
+before = signatures()
+warm_up(m, DecodeSettings(mode="greedy", block_size=8))
+warm = signatures()
+assert sum(warm.values()) > sum(before.values()), "warm_up compiled nothing"
+ar = Generator(m, DecodeSettings(mode="ar", max_tokens=5, ignore_eos=True))
+ar.generate([5, 6, 7, 8, 9, 10, 11])
+ar.generate_many([[5, 6], [7, 8, 9, 10], [11, 12, 13]])
+Generator(m, DecodeSettings(mode="greedy", block_size=8, max_tokens=16, ignore_eos=True)
+          ).generate([5, 6, 7, 8, 9])
+after = signatures()
+new = {k: after[k] - warm[k] for k in after if after[k] != warm[k]}
+print("NEW", new)
+assert not new, new
+"""
+
+
+def test_warm_up_leaves_no_kernel_to_compile_in_a_request(synth_model, tmp_path):
+    """After runtime.warm_up (what the server runs before it reports ready), a single and a
+    batched `ar` request and a greedy one add no compiled signature to any kernel: the first
+    real requests do not pay the JIT (a fresh process, kernels loaded from numba's cache)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", WARM_CHECK, synth_model()], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

@@ -23,10 +23,14 @@ def server_state(cfg) -> ServerState:
 
 def load_model(cfg, file=None):
     """The Config's model with its threads, kernel path and LM head (`file`: its GGUF file,
-    already opened)."""
+    already opened), its kernels warmed up (runtime.warmup: compiled or loaded from the disk
+    cache before the first request, not inside it)."""
     from ..model_source import open_model
+    from ..runtime.warmup import warm_up
 
-    return open_model(cfg, progress=False, file=file)
+    model = open_model(cfg, progress=False, file=file)
+    warm_up(model, decode_settings(cfg, cfg.sampling.max_tokens))
+    return model
 
 
 def serve_local(cfg, log_level: str = "info", file=None) -> None:
