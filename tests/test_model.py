@@ -167,6 +167,7 @@ def test_cpu_share_gives_up_the_cores_others_keep_busy(monkeypatch):
 
     monkeypatch.setattr(share, "_sample", sample)
     share._last = (0.0, 0.0, 0.0)
+    share._allowed = 4  # as if this process could run on 4 CPUs
     seen = []
     for others, own in [(0.1, 4.0), (0.5, 3.5), (2.2, 1.8), (3.9, 0.1), (0.0, 4.0), (0.29, 3.0)]:
         clock["t"] += 1.0
@@ -176,6 +177,12 @@ def test_cpu_share_gives_up_the_cores_others_keep_busy(monkeypatch):
         assert share.threads() == seen[-1] and not readings
         clock["t"] -= share.INTERVAL / 2
     assert seen == [4, 3, 2, 1, 4, 4]
+    # on 16 allowed CPUs, others keeping 10 busy leave 2 threads their 2 (and 15 busy: 1)
+    share.wanted, share._allowed = 2, 16
+    for others, want in ((10.0, 2), (13.5, 2), (15.0, 1)):
+        clock["t"] += 1.0
+        readings.append((others, 1.0))
+        assert share.threads() == want
     assert cpu.CpuShare(4, enabled=False).threads() == 4
 
 
@@ -183,8 +190,9 @@ def test_cpu_share_gives_up_the_cores_others_keep_busy(monkeypatch):
                     or len(__import__("os").sched_getaffinity(0)) < 2,
                     reason="needs Linux and two CPUs to keep one busy")
 def test_cpu_share_sees_a_real_busy_process():
-    """A busy loop pinned to one of our CPUs costs a thread within a few readings (we stay
-    idle meanwhile, so the loop has its core to itself); when it ends the thread comes back."""
+    """Asked for as many threads as we have CPUs, a busy loop pinned to one of them costs a
+    thread within a few readings (we stay idle meanwhile, so the loop has its core to itself);
+    when it ends the thread comes back."""
     import os
     import subprocess
     import sys
@@ -192,20 +200,21 @@ def test_cpu_share_sees_a_real_busy_process():
 
     from dlmnumba.kernels.cpu import CpuShare
 
-    share = CpuShare(2)
+    n = len(os.sched_getaffinity(0))
+    share = CpuShare(n)
     cpu_id = sorted(os.sched_getaffinity(0))[-1]
     code = ("import os, sys, time\nos.sched_setaffinity(0, {%d})\nend = time.time() + 3\n"
             "while time.time() < end:\n    pass\n" % cpu_id)
     busy = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 2.5
-        while share.threads() != 1 and time.monotonic() < deadline:
+        while share.threads() != n - 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert share.current == 1
+        assert share.current == n - 1
     finally:
         busy.wait(timeout=10)
     deadline = time.monotonic() + 3
     time.sleep(share.INTERVAL)  # a reading wholly after the loop
-    while share.threads() != 2 and time.monotonic() < deadline:
+    while share.threads() != n and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert share.current == 2
+    assert share.current == n

@@ -64,8 +64,9 @@ def set_threads(threads: int | None) -> int:
 
 
 class CpuShare:
-    """How many compute threads to run now: `threads`, less one for each of this process's
-    cores that other programs keep busy.  Every parallel loop waits for its slowest thread, and
+    """How many compute threads to run now: `threads`, or fewer when other programs keep so
+    many of this process's CPUs busy that fewer than `threads` are left (on 16 allowed CPUs
+    with 10 busy elsewhere, 2 threads stay 2; on 2 with one busy, 1).  Every parallel loop waits for its slowest thread, and
     a thread whose core a busy program shares makes each of a token's ~300 loops wait for the
     scheduler (2-core AMD EPYC, `ar` beside one busy loop: 5.7 tok/s on both threads, against
     26.2 idle).  Read from /proc/stat every INTERVAL seconds: the busy time of the CPUs this
@@ -81,6 +82,7 @@ class CpuShare:
             self._cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
         except AttributeError:  # not Linux
             self._cpus = set()
+        self._allowed = len(self._cpus)
         self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self._last = self._sample() if enabled and threads > 1 else None
 
@@ -115,6 +117,7 @@ class CpuShare:
             return self.wanted
         (t0, busy0, own0), (t1, busy1, own1) = self._last, sample
         others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)  # cores, on average
-        self.current = max(1, self.wanted - int(others + 1 - self.GIVE_UP))
+        free = self._allowed - int(others + 1 - self.GIVE_UP)  # CPUs others leave us
+        self.current = max(1, min(self.wanted, free))
         self._last = sample
         return self.current
