@@ -66,12 +66,12 @@ def set_threads(threads: int | None) -> int:
 class CpuShare:
     """How many compute threads to run now: `threads`, or fewer when other programs keep so
     many of this process's CPUs busy that fewer than `threads` are left (on 16 allowed CPUs
-    with 10 busy elsewhere, 2 threads stay 2; on 2 with one busy, 1).  Every parallel loop waits for its slowest thread, and
-    a thread whose core a busy program shares makes each of a token's ~300 loops wait for the
-    scheduler (2-core AMD EPYC, `ar` beside one busy loop: 5.7 tok/s on both threads, against
-    26.2 idle).  Read from /proc/stat every INTERVAL seconds: the busy time of the CPUs this
-    process may run on, minus this process's own CPU time, is what the others used.  Where
-    /proc/stat cannot be read (not Linux), always `threads`."""
+    with 10 busy elsewhere, 2 threads stay 2; on 2 with one busy, 1).  Every parallel loop
+    waits for its slowest thread, and a thread whose core a busy program shares makes each of a
+    token's ~300 loops wait for the scheduler (2-core AMD EPYC, `ar` beside one busy loop: 5.7
+    tok/s on both threads, against 26.2 idle).  Read from /proc/stat every INTERVAL seconds:
+    the busy time of the CPUs this process may run on, minus this process's own CPU time, is
+    what the others used.  Where /proc/stat cannot be read (not Linux), always `threads`."""
 
     INTERVAL = 0.25  # seconds between two readings
     GIVE_UP = 0.3  # a core others keep busy this fraction of the time is left to them
@@ -88,6 +88,8 @@ class CpuShare:
 
     def _sample(self) -> tuple[float, float, float] | None:
         """(monotonic time, busy seconds of the allowed CPUs, this process's CPU seconds)."""
+        if not self._cpus:
+            return None
         busy = 0
         try:
             with open("/proc/stat", encoding="ascii") as f:
@@ -99,8 +101,6 @@ class CpuShare:
                         v = rest.split()
                         busy += int(v[0]) + int(v[1]) + int(v[2]) + int(v[5]) + int(v[6])
         except (OSError, ValueError, IndexError):
-            return None
-        if not self._cpus:
             return None
         return time.monotonic(), busy / self._hz, time.process_time()
 

@@ -99,6 +99,7 @@ def lm_head_int8(path, n_vec, logits, part, u, xscale, e8, e_inv, e_sum, exclude
     blocks = LM_ROWS // COLS
     # 8 tokens run as 2 x 4, not 2 x 6 (u's rows up to mp exist either way)
     small = -(-m_rows // SMALL_TILE) * SMALL_TILE < mp
+    t_stop, t_step = (m_rows, SMALL_TILE) if small else (mp, M_ALIGN)
     for t in prange((v + LM_ROWS - 1) // LM_ROWS):
         acc = np.zeros((mp, LM_ROWS), np.int32)
         b0 = t * blocks
@@ -107,24 +108,17 @@ def lm_head_int8(path, n_vec, logits, part, u, xscale, e8, e_inv, e_sum, exclude
                 bcast_tile(lit, 1, nv, 0, e8[b0 + c0].ctypes.data, vstride, u.ctypes.data, kp,
                            kp // KSTEP, acc.ctypes.data + c0 * COLS * 4, LM_ROWS * 4)
         else:  # tiles of M_ALIGN tokens, or of SMALL_TILE where they pad fewer rows
-            if small:
-                for k0 in range(0, kp, K_CHUNK):
-                    steps = (min(kp, k0 + K_CHUNK) - k0) // KSTEP
-                    for t0 in range(0, m_rows, SMALL_TILE):
-                        for c0 in range(0, blocks, nv):
-                            bcast_tile(lit, 4, nv, 0, e8[b0 + c0, k0 // KSTEP].ctypes.data,
-                                       vstride, u.ctypes.data + t0 * kp + k0, kp, steps,
-                                       acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4,
-                                       LM_ROWS * 4)
-            else:
-                for k0 in range(0, kp, K_CHUNK):
-                    steps = (min(kp, k0 + K_CHUNK) - k0) // KSTEP
-                    for t0 in range(0, mp, M_ALIGN):
-                        for c0 in range(0, blocks, nv):
-                            bcast_tile(lit, 6, nv, 0, e8[b0 + c0, k0 // KSTEP].ctypes.data,
-                                       vstride, u.ctypes.data + t0 * kp + k0, kp, steps,
-                                       acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4,
-                                       LM_ROWS * 4)
+            for k0 in range(0, kp, K_CHUNK):
+                steps = (min(kp, k0 + K_CHUNK) - k0) // KSTEP
+                for t0 in range(0, t_stop, t_step):
+                    for c0 in range(0, blocks, nv):
+                        w = e8[b0 + c0, k0 // KSTEP].ctypes.data
+                        x = u.ctypes.data + t0 * kp + k0
+                        o = acc.ctypes.data + (t0 * LM_ROWS + c0 * COLS) * 4
+                        if small:
+                            bcast_tile(lit, 4, nv, 0, w, vstride, x, kp, steps, o, LM_ROWS * 4)
+                        else:
+                            bcast_tile(lit, 6, nv, 0, w, vstride, x, kp, steps, o, LM_ROWS * 4)
         _int8_emit(acc, logits, part, t, xscale, e_inv, e_sum, exclude)
 
 

@@ -117,9 +117,8 @@ def rmsnorm_quantize(q, xscale, qsum, x, res, weight, eps):
                 x[m, i] += res[m, i]
         buf = x[m].copy()
         ss = _sum_squares(buf)
-        if not np.isfinite(ss):  # an inf / NaN input (absmax skips NaNs): no scale, zero row
-            _zero_row(q, qsum, m)
-            xscale[m] = np.float32(0.0)
+        if not np.isfinite(ss):  # an inf / NaN input (absmax skips NaNs): _unscaled_row
+            _unscaled_row(q, xscale, qsum, m)
             continue
         r = np.float32(1.0 / np.sqrt(ss / e + eps))
         xscale[m], qsum[m] = _quantize_normed(q[m], buf, r, weight)
@@ -145,13 +144,19 @@ def act_rmsnorm_quantize(q, xscale, qsum, gate_up, n_ff, weight, eps, silu):
                 g = max(gate[i], np.float32(0.0))
                 buf[i] = g * g * up[i]
         ss = _sum_squares(buf)
-        if not np.isfinite(ss):  # an inf / NaN activation: no scale, zero row
-            _zero_row(q, qsum, m)
-            xscale[m] = np.float32(0.0)
+        if not np.isfinite(ss):  # an inf / NaN input (absmax skips NaNs): _unscaled_row
+            _unscaled_row(q, xscale, qsum, m)
             continue
         r = np.float32(1.0 / np.sqrt(ss / n_ff + eps))
         xscale[m], qsum[m] = _quantize_normed(q[m], buf, r, weight)
     return _scales_ok(xscale, m_rows)
+
+
+@jit
+def _unscaled_row(q, xscale, qsum, m):
+    # a row with no int8 scale (its input not finite): zero values, zero sum, scale 0
+    _zero_row(q, qsum, m)
+    xscale[m] = np.float32(0.0)
 
 
 @jit

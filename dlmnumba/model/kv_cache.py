@@ -162,4 +162,3 @@ class PassWrites:
             raise ValueError(f"K/V {k.shape} / {v.shape} of layer {layer} do not fit the pass: "
                              f"expected {self._shape}, layer < {self._layers}")
         write_kv_rows(self.k, self.v, layer, self.firsts, self.bounds, k, v)
-
